@@ -1,0 +1,164 @@
+"""The contract between the trainer and a training method (DESIGN.md rule 1).
+
+Flow of one step (the trainer never branches on a method's name, only on these declarations):
+
+    plan = algo.plan(step)                          # rollouts this step? demos? (SASR: SFT vs GRPO step)
+    batch = <rollouts (if plan.rollouts) + demos (if plan.demos)>, rewards, old logp/entropy (no-grad pass)
+    keep = algo.keep_sequences(batch)               # dynamic sampling (GRPO filter, SRL std filter)
+    batch, local_stats = algo.prepare(batch, plan)  # advantages, gates, weights on this rank's whole groups
+    stats = all_reduce_sum(local_stats)             # over data-parallel ranks (the caller's job)
+    for mb in micro-batches of batch:
+        loss, metrics = algo.loss(mb, logp, entropy, stats, plan)   # additive share of the global loss
+    algo.after_step(plan, grad_norm)                # SASR grad-norm bookkeeping
+
+Global normalisation (rule 2): `loss` returns the micro-batch's *share*: summing the shares of all micro-batches
+on all data-parallel ranks gives the loss of SPEC.md. So the caller sums gradients (no averaging over micro-batches
+or ranks) and any split of the batch gives the same gradient. Metrics returned by `loss` are additive shares in the
+same way; metrics from `metrics_from_stats` are final values.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from megahybrid.config.schema import AlgorithmConfig
+
+
+@dataclass
+class Batch:
+    """The sequences of one step on this data-parallel rank. A prompt's rollouts and demos are never split across
+    ranks (whole groups), so group statistics are local. S sequences, T positions (prompt + response, right-padded).
+
+    Token tensors are aligned with `tokens`: position t holds a quantity of token t given tokens[:t], so
+    position 0 is never a response position.
+    """
+
+    tokens: Tensor
+    """[S, T] long: prompt + response token ids, right-padded."""
+    response_mask: Tensor
+    """[S, T] bool: response tokens (the only tokens any loss or metric uses)."""
+    prompt_index: Tensor
+    """[S] long: step-global id of the prompt the sequence answers (its group)."""
+    is_demo: Tensor
+    """[S] bool: expert demonstration (True) or policy rollout (False)."""
+    rewards: Tensor
+    """[S] float: reward of the sequence (demos: see the algorithm's demo reward option)."""
+    old_logp: Tensor | None = None
+    """[S, T] float: log-probs of the policy that produced the rollouts (trainer's no-grad pass)."""
+    old_entropy: Tensor | None = None
+    """[S, T] float: full-vocabulary entropies from the same pass."""
+    ref_logp: Tensor | None = None
+    """[S, T] float: log-probs of the frozen reference policy (only when a KL term is on)."""
+    engine_logp: Tensor | None = None
+    """[S, T] float: log-probs the rollout engine reported (0 for demos)."""
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    """Per-sequence [S, ...] tensors that `prepare` computes (advantages, gates, weights); sliced with the batch."""
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def select(self, index: Tensor | slice) -> "Batch":
+        """Sub-batch of sequences (a micro-batch, or the sequences kept by dynamic sampling)."""
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return Batch(
+            tokens=self.tokens[index], response_mask=self.response_mask[index],
+            prompt_index=self.prompt_index[index], is_demo=self.is_demo[index], rewards=self.rewards[index],
+            old_logp=take(self.old_logp), old_entropy=take(self.old_entropy), ref_logp=take(self.ref_logp),
+            engine_logp=take(self.engine_logp), fields={k: v[index] for k, v in self.fields.items()})
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Batch":
+        """Floating tensors to `dtype`/`device` (tests use float64); integer/bool tensors keep their dtype."""
+        def conv(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+
+        return dataclasses.replace(
+            self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "fields"},
+            fields={k: conv(v) for k, v in self.fields.items()})
+
+
+@dataclass
+class StepPlan:
+    """What a step does. The trainer reads `rollouts` / `demos` to decide what to generate and load."""
+
+    step: int
+    rollouts: bool = True
+    """Generate rollouts this step (False for SFT-only steps: no engine time is spent)."""
+    demos: bool = False
+    """Put the prompts' demonstrations into the batch."""
+    kind: str = "rl"
+    """A short label of the step type for logs (`sft`, `rl`, `hybrid`)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Scheduler metrics of this decision (e.g. sasr/p, sasr/is_sft)."""
+
+
+class Algorithm(abc.ABC):
+    """Base class of a registered training method. Subclasses set `Config` and the `needs_*` declarations."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    needs_demos: ClassVar[bool] = False
+    """The method uses expert demonstrations (data must provide them)."""
+    needs_rollouts: ClassVar[bool] = True
+    """The method uses policy rollouts (a rollout pool is needed)."""
+    needs_old_logp: ClassVar[bool] = True
+    """The method needs the no-grad pass for old log-probs / entropies before `prepare`."""
+
+    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1):
+        self.cfg = cfg
+        self.seed = seed
+        self.total_steps = total_steps
+
+    @property
+    def needs_ref(self) -> bool:
+        """A frozen reference policy is needed (a KL term is on)."""
+        return self.cfg.kl_coef > 0
+
+    def plan(self, step: int) -> StepPlan:
+        return StepPlan(step=step, rollouts=self.needs_rollouts, demos=self.needs_demos,
+                        kind="sft" if not self.needs_rollouts else ("hybrid" if self.needs_demos else "rl"))
+
+    def keep_sequences(self, batch: Batch) -> Tensor:
+        """[S] bool: sequences kept by dynamic sampling (default: all)."""
+        return torch.ones(batch.num_sequences, dtype=torch.bool)
+
+    @abc.abstractmethod
+    def prepare(self, batch: Batch, plan: StepPlan) -> tuple[Batch, dict[str, Tensor]]:
+        """Fill `batch.fields` (advantages, gates, weights) and return local statistics (sums/counts) that the
+        caller all-reduces with SUM over data-parallel ranks before calling `loss`."""
+
+    def metrics_from_stats(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """Final (not additive) metrics computed from the all-reduced statistics."""
+        return {}
+
+    @abc.abstractmethod
+    def loss(self, mb: Batch, logp: Tensor, entropy: Tensor, stats: dict[str, Tensor],
+             plan: StepPlan) -> tuple[Tensor, dict[str, Tensor]]:
+        """The micro-batch's additive share of the globally normalised loss, and additive metric shares.
+
+        `logp`, `entropy`: [S_mb, T] current-policy tensors aligned with `mb.tokens` (with grad)."""
+
+    def after_step(self, plan: StepPlan, grad_norm: float) -> dict[str, float]:
+        """Bookkeeping after the optimizer step (SASR records SFT grad norms). Returns metrics."""
+        return {}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Learnable parameters of the loss itself (SuperRL log-sigmas); trained by the policy's optimizer."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that affects later steps (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but got keys {sorted(state)}")

@@ -1,0 +1,85 @@
+"""`megahybrid` command line: config check, train, eval, compare, plan.
+
+Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megahybrid.config.loader import ConfigError, dump_yaml, load_config
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megahybrid.training.entry import run_training
+
+    return run_training(args.config, args.overrides)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megahybrid.training.entry import run_evaluation
+
+    return run_evaluation(args.config, args.overrides, checkpoint=args.checkpoint)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from megahybrid.training.compare import run_comparison
+
+    return run_comparison(args.config, args.overrides)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from megahybrid.config.plan import describe_plan
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(describe_plan(cfg) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megahybrid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="experiment YAML")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=1e-5")
+        p.set_defaults(fn=fn)
+        return p
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config and print the resolved YAML")
+    check.add_argument("config")
+    check.add_argument("overrides", nargs="*")
+    check.set_defaults(fn=_config_check)
+
+    add("train", _train, "run training (single process or under torchrun)")
+    ev = add("eval", _eval, "evaluate a checkpoint on the held-out split (avg@k / pass@k)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: newest)")
+    add("compare", _compare, "run several methods with the same budget and write comparison.md + plots")
+    add("plan", _plan, "print the parallel layout and per-GPU memory estimate of a config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

