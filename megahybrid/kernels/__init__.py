@@ -1,0 +1,69 @@
+"""Fused per-token log-prob + entropy of an LM head, without materialising `[N, V]` logits (SPEC.md section 5).
+
+One public op, `token_logprob_entropy`, with interchangeable implementations:
+
+- `reference`: naive and readable (full logits, log_softmax); the test oracle.
+- `chunked`:   pure-torch `autograd.Function` over token x vocabulary blocks, backward recomputes each block;
+               the CPU default.
+- `triton`:    forward + backward Triton kernels (GPU; on CPU only under `TRITON_INTERPRET=1`).
+- `te_fp8`:    the chunked algorithm with the LM-head GEMMs in FP8 through Transformer Engine (Hopper GPUs).
+
+Tensor parallelism (`tp_group`): each rank passes its vocabulary shard of the LM head; the per-shard partial
+statistics are combined with all-reduces (`vocab_parallel.py`).
+
+Hidden-state gradient contract under TP: the op returns the FULL gradient w.r.t. `hidden` (it all-reduces the
+per-shard partial gradients over `tp_group` itself). So do NOT also wrap `hidden` in Megatron's
+`copy_to_tensor_model_parallel_region` (that would sum the gradient twice). If the caller already reduces the
+hidden gradient itself (e.g. sequence parallelism, gathering `hidden` with a reduce-scatter backward), pass
+`reduce_hidden_grad=False` to get this rank's partial gradient instead. Weight gradients are always those of
+this rank's own shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+IMPLS = ("reference", "chunked", "triton", "te_fp8")
+
+
+@dataclass
+class LogprobEntropy:
+    logp: Tensor  # [N] log-prob of each target under softmax(logits / temperature) over the FULL vocab
+    entropy: Tensor  # [N] full-vocabulary entropy of that distribution
+    lse: Tensor  # [N] log-sum-exp of logits / temperature over the full vocab
+
+
+def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int = 0,
+                          vocab_size: int | None = None, temperature: float = 1.0, tp_group=None,
+                          impl: str = "chunked", chunk_size: int | None = None,
+                          reduce_hidden_grad: bool = True) -> LogprobEntropy:
+    """hidden [N, D]; weight = this rank's LM-head shard [V_local, D] holding global vocab ids
+    [vocab_start, vocab_start + V_local); targets [N] global ids (may live in another rank's shard);
+    vocab_size = true (unpadded) vocabulary size: rows with global id >= vocab_size are padding and excluded;
+    tp_group = tensor-parallel process group (None = no TP). Differentiable w.r.t. hidden and weight for both logp
+    and entropy. Never materialises [N, V] (except impl="reference", the oracle).
+
+    chunk_size: tokens and vocabulary rows per block (None = a tuned default).
+    reduce_hidden_grad: all-reduce the hidden gradient over tp_group (see the module docstring).
+    """
+    from megahybrid.kernels.inputs import check_inputs
+
+    args = check_inputs(hidden, weight, targets, vocab_start=vocab_start, vocab_size=vocab_size,
+                        temperature=temperature, tp_group=tp_group, chunk_size=chunk_size,
+                        reduce_hidden_grad=reduce_hidden_grad)
+    if impl == "reference":
+        from megahybrid.kernels.reference import reference_logprob_entropy as fn
+    elif impl == "chunked":  # TEMPORARY: backed by the reference until chunked.py lands (same contract)
+        from megahybrid.kernels.reference import reference_logprob_entropy as fn
+    elif impl == "triton":
+        from megahybrid.kernels.triton_logprob_entropy import triton_logprob_entropy as fn
+    elif impl == "te_fp8":
+        from megahybrid.kernels.fp8 import fp8_logprob_entropy as fn
+    else:
+        raise ValueError(f"token_logprob_entropy: unknown impl={impl!r}; expected one of {', '.join(IMPLS)}")
+    logp, entropy, lse = fn(hidden, weight, targets, args)
+    return LogprobEntropy(logp=logp, entropy=entropy, lse=lse)
+
+
+__all__ = ["IMPLS", "LogprobEntropy", "token_logprob_entropy"]
