@@ -54,8 +54,8 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
                         reduce_hidden_grad=reduce_hidden_grad)
     if impl == "reference":
         from megahybrid.kernels.reference import reference_logprob_entropy as fn
-    elif impl == "chunked":  # TEMPORARY: backed by the reference until chunked.py lands (same contract)
-        from megahybrid.kernels.reference import reference_logprob_entropy as fn
+    elif impl == "chunked":
+        from megahybrid.kernels.chunked import chunked_logprob_entropy as fn
     elif impl == "triton":
         from megahybrid.kernels.triton_logprob_entropy import triton_logprob_entropy as fn
     elif impl == "te_fp8":
