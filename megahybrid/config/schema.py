@@ -225,8 +225,8 @@ class TrainConfig:
     """Samples per held-out problem (k of avg@k / pass@k)."""
     eval_temperature: float = 0.6
     """Evaluation sampling temperature (SPEC 7)."""
-    eval_max_new_tokens: int = 8192
-    """Evaluation max response tokens (SPEC 7)."""
+    eval_max_new_tokens: int | None = None
+    """Evaluation max response tokens; None = rollout.max_new_tokens (the 7B recipes set SPEC 7's 8192)."""
     max_sample_rounds: int = 3
     """Dynamic sampling (GRPO filter, SRL): maximum extra rollout rounds to fill the batch."""
     deterministic: bool = True

@@ -70,7 +70,7 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     if data.max_prompt_tokens + data.max_demo_tokens > ctx:
         problems.append(f"data.max_prompt_tokens + data.max_demo_tokens ({data.max_prompt_tokens} + "
                         f"{data.max_demo_tokens}) exceeds model.max_position_embeddings ({ctx})")
-    if data.max_prompt_tokens + tr.eval_max_new_tokens > ctx:
+    if tr.eval_max_new_tokens is not None and data.max_prompt_tokens + tr.eval_max_new_tokens > ctx:
         problems.append(f"data.max_prompt_tokens + train.eval_max_new_tokens ({data.max_prompt_tokens} + "
                         f"{tr.eval_max_new_tokens}) exceeds model.max_position_embeddings ({ctx})")
 
