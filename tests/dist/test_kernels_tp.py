@@ -1,0 +1,23 @@
+"""Vocabulary-parallel token_logprob_entropy: TP=2 and TP=4 (gloo, one process per rank) equal TP=1.
+
+Cases: vocabulary not divisible by TP (padded rows), a shard made only of padding, targets in other ranks'
+shards, temperature != 1, blocks that divide nothing. Both the reference (all-gather) and the chunked op.
+"""
+import pytest
+import torch.multiprocessing as mp
+from kernels_tp_worker import worker
+
+CASES = {
+    2: [dict(num_tokens=11, dim=6, vocab_size=23, rows=12, temperature=0.7, chunk_size=5, seed=1)],
+    # 4 shards of 5 rows for 13 ids: shard 2 holds 3 real rows + 2 padding, shard 3 is all padding
+    4: [dict(num_tokens=9, dim=5, vocab_size=13, rows=5, temperature=1.3, chunk_size=4, seed=2),
+        dict(num_tokens=7, dim=4, vocab_size=20, rows=5, temperature=1.0, chunk_size=None, seed=3)],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_equals_tp1(world, tmp_path):
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), ["reference", "chunked"], CASES[world]),
+             nprocs=world, join=True)
