@@ -110,8 +110,8 @@ class _JsonlSink:
         self.last_step = _truncate_jsonl(path, start_step if start_step > 0 else None)
         self.file = open(path, "a", encoding="utf-8")
 
-    def write(self, step: int, metrics: dict[str, Any], strictly_increasing: bool) -> None:
-        if self.last_step is not None and (step < self.last_step or (strictly_increasing and step == self.last_step)):
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"{self.path}: step {step} logged after step {self.last_step}; steps must increase "
                              f"(a resumed run passes start_step so earlier records are truncated)")
         if "step" in metrics:
@@ -230,7 +230,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.metrics is not None:
-            self.metrics.write(step, metrics, strictly_increasing=True)
+            self.metrics.write(step, metrics)
         self._scalars(step, metrics)
         if self.console is not None:
             reward = metrics.get(REWARD_KEY)
@@ -243,7 +243,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.evals is not None:
-            self.evals.write(step, metrics, strictly_increasing=True)
+            self.evals.write(step, metrics)
         self._scalars(step, metrics)
         if self.console is not None and ACCURACY_KEY in metrics:
             self.console.accuracy = float(metrics[ACCURACY_KEY])

@@ -116,3 +116,23 @@ def test_agree_all_reduces_max_over_gloo(tmp_path):
 
 def test_agree_without_process_group_returns_flag():
     assert agree(True) is True and agree(False) is False
+
+
+AGREE_NCCL = """
+import sys
+import torch
+import torch.distributed as dist
+from megahybrid.training.signals import agree
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+print(agree(True), agree(False), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+def test_agree_uses_cuda_tensors_with_nccl(tmp_path):
+    out = subprocess.run([sys.executable, "-c", AGREE_NCCL, str(tmp_path / "store")], capture_output=True,
+                         text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]
