@@ -13,6 +13,13 @@ EXIT_CONFIG_ERROR = 2
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from megahybrid.config.compare import is_compare_file, load_compare
+
+    if is_compare_file(args.config):
+        spec = load_compare(args.config, args.overrides)
+        for label, cfg in spec.runs.items():
+            sys.stdout.write(f"# --- method: {label}\n{dump_yaml(cfg)}")
+        return 0
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(dump_yaml(cfg))
     return 0

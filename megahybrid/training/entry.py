@@ -1,0 +1,132 @@
+"""`megahybrid train` / `megahybrid eval`: config -> processes -> Trainer, and the run's closing line.
+
+Outside torchrun/Slurm with `parallel.world_size > 1`, this process becomes a small launcher (launch_local.py)
+that starts the ranks and prints the closing line after they have all exited, so it is the last line of output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megahybrid.config.loader import load_config
+from megahybrid.config.schema import RunConfig
+
+FINAL_FILE = "final.json"
+_LOCAL_CHILD_ENV = "MEGAHYBRID_LOCAL_LAUNCH"
+
+
+def run_training(config_path: str, overrides: list[str]) -> int:
+    from megahybrid.training.launch_local import launch, under_distributed_launcher
+
+    cfg = load_config(config_path, overrides)
+    world = cfg.parallel.world_size or 1
+    if world > 1 and not under_distributed_launcher():
+        os.environ[_LOCAL_CHILD_ENV] = "1"
+        start = time.time()
+        code = launch(world, ["train", config_path, *overrides])
+        if code == 0:
+            print_final_line(Path(cfg.train.run_dir), start)
+        return code
+    return _train_this_rank(cfg, print_final=os.environ.get(_LOCAL_CHILD_ENV) != "1")
+
+
+def _train_this_rank(cfg: RunConfig, *, print_final: bool) -> int:
+    from megahybrid.parallel.init import init_distributed
+    from megahybrid.training.run_dir import write_resolved_config
+    from megahybrid.training.signals import PreemptionHandler
+    from megahybrid.training.trainer import Trainer
+
+    start = time.time()
+    ps = init_distributed(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    try:
+        if ps.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(run_dir, cfg)
+        tokenizer = prepare_tokenizer(cfg, run_dir, ps)
+        train_set, eval_set = prepare_data(cfg, tokenizer)
+        with PreemptionHandler() as preemption:
+            trainer = Trainer(cfg, ps, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set, eval_set=eval_set)
+            try:
+                last_eval = trainer.fit(preemption)
+                if ps.rank == 0:
+                    _write_final(run_dir, trainer, last_eval, preempted=preemption.requested)
+            finally:
+                trainer.close()
+    finally:
+        ps.destroy()
+    if ps.rank == 0 and print_final:
+        print_final_line(run_dir, start)
+    return 0
+
+
+def prepare_tokenizer(cfg: RunConfig, run_dir: Path, ps: Any):
+    """The model's tokenizer; for random-init tiny models a character tokenizer built into the run directory."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.hf_path
+    if path is None:
+        path = str(run_dir / "tokenizer")
+        if ps.rank == 0 and not (Path(path) / "tokenizer.json").exists():
+            from megahybrid.model.tiny import build_char_tokenizer
+
+            build_char_tokenizer(path)
+        if ps.world_size > 1:
+            dist.barrier()
+    tok = AutoTokenizer.from_pretrained(path)
+    if len(tok) > cfg.model.vocab_size:
+        raise SystemExit(f"config error: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer at "
+                         f"{path} ({len(tok)} tokens); set model.vocab_size >= {len(tok)}")
+    return tok
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[list, list]:
+    from megahybrid.data import load_dataset
+    from megahybrid.data.tokenize import filter_by_length
+
+    def load(split: str) -> list:
+        examples = load_dataset(cfg.data, split, seed=cfg.train.seed)
+        kept, _ = filter_by_length(examples, tokenizer, template=cfg.data.template,
+                                   max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                   max_demo_tokens=cfg.data.max_demo_tokens)
+        return kept
+
+    return load("train"), load("eval")[: cfg.data.num_eval]
+
+
+def _write_final(run_dir: Path, trainer: Any, last_eval: dict[str, float], *, preempted: bool) -> None:
+    from megahybrid.training.plots import write_plots
+
+    plots_dir = run_dir / "plots"
+    if trainer.cfg.logging.plots:
+        write_plots(run_dir, plots_dir)
+    history = trainer.history.get("eval/accuracy", [])
+    first = next((acc for step, acc in history if step == 0), float("nan"))
+    final = {"accuracy": last_eval.get("eval/accuracy", float("nan")), "step0_accuracy": first,
+             "steps": trainer.step, "plots": str(plots_dir), "preempted": preempted}
+    tmp = run_dir / (FINAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(final))
+    os.replace(tmp, run_dir / FINAL_FILE)
+
+
+def print_final_line(run_dir: Path, start: float) -> None:
+    final = json.loads((run_dir / FINAL_FILE).read_text())
+    sys.stdout.flush()
+    print(f"megahybrid: final eval accuracy={final['accuracy']:.3f} (step 0: {final['step0_accuracy']:.3f}) "
+          f"steps={final['steps']} wall={time.time() - start:.0f}s plots={final['plots']}", flush=True)
+
+
+def run_evaluation(config_path: str, overrides: list[str], *, checkpoint: str) -> int:
+    """Load a checkpoint (or a run dir's newest) and report avg@k / pass@k on the held-out split (rank 0)."""
+    from megahybrid.training.evaluate_checkpoint import evaluate_checkpoint
+
+    cfg = load_config(config_path, overrides)
+    metrics = evaluate_checkpoint(cfg, Path(checkpoint))
+    for key in sorted(metrics):
+        print(f"{key}={metrics[key]:.4f}")
+    return 0

@@ -1,0 +1,144 @@
+"""Rank 0's side of a step: prompts -> rollout pool -> rewards -> groups (and the held-out evaluation).
+
+The rollout engines live in their own worker processes (vLLM in-process mode patches torch threading and seeds
+the global RNG, so it must never share the trainer's interpreter). Only global rank 0 talks to the pool; the
+finished groups are broadcast to every rank as Python objects (they are small: token ids and floats).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from megahybrid.algorithms.base import Batch, StepPlan
+from megahybrid.config.schema import RunConfig
+from megahybrid.data.records import Example
+from megahybrid.data.templates import render_prompt
+from megahybrid.data.tokenize import encode_prompt
+from megahybrid.training.batching import Group, Sequence
+
+
+class Generator:
+    """Owns the rollout pool and the reward pool (rank 0 only)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer: Any, model_dir: str):
+        from megahybrid.rewards import RewardPool
+        from megahybrid.rollout import RolloutPool
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pool = RolloutPool(cfg.rollout, model_dir, seed=cfg.train.seed,
+                                max_model_len=cfg.model.max_position_embeddings)
+        self.rewards = RewardPool(cfg.reward)
+        self.num_reward_timeouts = 0
+
+    def close(self) -> None:
+        self.pool.close()
+        self.rewards.close()
+
+    # ------------------------------------------------------------------------------------------- prompts
+    def prompt_ids(self, ex: Example) -> tuple[str, list[int]]:
+        text = render_prompt(ex.prompt, self.cfg.data.template, self.tokenizer)
+        return text, encode_prompt(self.tokenizer, text, add_bos=self.tokenizer.bos_token_id is not None)
+
+    def _sampling(self, *, temperature: float, max_new_tokens: int, seed: int):
+        from megahybrid.rollout import SamplingOptions
+
+        ro = self.cfg.rollout
+        return SamplingOptions(temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
+                               max_new_tokens=max_new_tokens, stop=list(ro.stop), seed=seed, logprobs=True)
+
+    def _score(self, texts: list[str], references: list[str]) -> list[float]:
+        if not texts:
+            return []
+        result = self.rewards.score(texts, references)
+        self.num_reward_timeouts += result.num_timeouts
+        return [float(s) for s in result.scores]
+
+    # ------------------------------------------------------------------------------------------- training groups
+    def make_groups(self, examples: list[tuple[int, Example]], plan: StepPlan, *, seed: int) -> tuple[list[Group], dict]:
+        """Groups for `examples` ((dataset index, example) pairs): rollouts if the plan wants them, demos if it
+        wants them, every sequence scored."""
+        groups = []
+        for idx, ex in examples:
+            text, ids = self.prompt_ids(ex)
+            groups.append(Group(example_index=idx, prompt_text=text, prompt_ids=ids, answer=ex.answer))
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if plan.rollouts and groups:
+            ro = self.cfg.rollout
+            samples = self.pool.generate([g.prompt_ids for g in groups], ro.n,
+                                         self._sampling(temperature=ro.temperature,
+                                                        max_new_tokens=ro.max_new_tokens, seed=seed))
+            for group, outs in zip(groups, samples):
+                group.sequences.extend(
+                    Sequence(prompt_ids=group.prompt_ids, response_ids=list(o.token_ids), is_demo=False, reward=0.0,
+                             engine_logp=list(o.logprobs), finish_reason=o.finish_reason) for o in outs)
+            texts = [o.text for outs in samples for o in outs]
+            refs = [g.answer for g, outs in zip(groups, samples) for _ in outs]
+            scores = iter(self._score(texts, refs))
+            for group in groups:
+                for s in group.sequences:
+                    s.reward = next(scores)
+        metrics["time/rollout_s"] = time.perf_counter() - t0
+        if plan.demos:
+            self._add_demos(groups, [ex for _, ex in examples])
+        return groups, metrics
+
+    def _add_demos(self, groups: list[Group], examples: list[Example]) -> None:
+        eos = self.tokenizer.eos_token_id
+        demo_texts, refs, seqs = [], [], []
+        for group, ex in zip(groups, examples):
+            for demo in ex.demos:
+                ids = self.tokenizer.encode(demo, add_special_tokens=False) + ([eos] if eos is not None else [])
+                seq = Sequence(prompt_ids=group.prompt_ids, response_ids=ids, is_demo=True, reward=0.0)
+                group.sequences.append(seq)
+                seqs.append(seq)
+                demo_texts.append(demo)
+                refs.append(ex.answer)
+        for seq, score in zip(seqs, self._score(demo_texts, refs)):
+            seq.reward = score
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, examples: list[Example], *, n: int, temperature: float, max_new_tokens: int,
+                 seed: int) -> dict[str, float]:
+        """avg@n / pass@1 / pass@n on held-out problems (SPEC 7); correct = reward > 0."""
+        from megahybrid.evaluation import avg_at_k, pass_at_1, pass_at_k
+
+        if not examples:
+            return {}
+        prompts = [self.prompt_ids(ex)[1] for ex in examples]
+        samples = self.pool.generate(prompts, n, self._sampling(temperature=temperature,
+                                                                max_new_tokens=max_new_tokens, seed=seed))
+        texts = [o.text for outs in samples for o in outs]
+        refs = [ex.answer for ex, outs in zip(examples, samples) for _ in outs]
+        scores = self._score(texts, refs)
+        correct = [[float(s > 0) for s in scores[i * n:(i + 1) * n]] for i in range(len(examples))]
+        lengths = [len(o.token_ids) for outs in samples for o in outs]
+        out = {f"eval/avg@{n}": avg_at_k(correct), "eval/pass@1": pass_at_1(correct),
+               f"eval/pass@{n}": pass_at_k(correct, n)}
+        out["eval/accuracy"] = out[f"eval/avg@{n}"]
+        out["eval/response_length"] = sum(lengths) / max(len(lengths), 1)
+        return out
+
+
+def light_batch(groups: list[Group]) -> Batch:
+    """A token-free Batch of the groups' rewards (what dynamic-sampling filters look at)."""
+    rows = [(g, s) for g, group in enumerate(groups) for s in group.sequences]
+    return Batch(tokens=torch.zeros((len(rows), 1), dtype=torch.long),
+                 response_mask=torch.zeros((len(rows), 1), dtype=torch.bool),
+                 prompt_index=torch.tensor([g for g, _ in rows], dtype=torch.long),
+                 is_demo=torch.tensor([s.is_demo for _, s in rows], dtype=torch.bool),
+                 rewards=torch.tensor([s.reward for _, s in rows], dtype=torch.float32))
+
+
+def filter_groups(groups: list[Group], keep_mask: torch.Tensor) -> list[Group]:
+    """Drop the sequences the algorithm does not keep; drop groups left without rollouts."""
+    out, i = [], 0
+    for group in groups:
+        kept = [s for s in group.sequences if keep_mask[(i := i + 1) - 1]]
+        if any(not s.is_demo for s in kept) or (kept and not any(not s.is_demo for s in group.sequences)):
+            group.sequences = kept
+            out.append(group)
+    return out

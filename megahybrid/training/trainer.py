@@ -1,0 +1,251 @@
+"""The training loop. It reads like the algorithm; it never branches on a method's name, only on the
+declarations of `Algorithm` (needs_ref, needs_old_logp, plan.rollouts, plan.demos).
+
+Per step:  plan -> prompts -> rollouts + rewards (rank 0, skipped for SFT-only steps) -> demos -> dynamic sampling
+-> this rank's whole groups -> old log-probs/entropies (+ reference) -> algorithm.prepare -> all-reduce stats ->
+Megatron optimizer step over micro-batches -> algorithm.after_step -> weight sync -> metrics -> eval -> checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megahybrid.algorithms.base import Algorithm, Batch, StepPlan
+from megahybrid.algorithms.registry import get_algorithm
+from megahybrid.config.schema import RunConfig
+from megahybrid.training.batching import Group, collate, micro_batches, shard_groups
+from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
+from megahybrid.training.signals import agree
+
+TIMING_PREFIXES = ("time/", "perf/")
+"""Metric keys that measure wall time (excluded when comparing runs for exact reproducibility)."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ps: Any, *, run_dir: Path, tokenizer: Any, train_set: list, eval_set: list):
+        from megahybrid.model.provider import build_policy, build_reference
+        from megahybrid.training.metrics import MetricsLogger
+        from megahybrid.training.run_dir import CheckpointDirs
+
+        self.cfg, self.ps, self.run_dir, self.tokenizer = cfg, ps, run_dir, tokenizer
+        self.train_set, self.eval_set = train_set, eval_set
+        self.is_rank0 = ps.rank == 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        seed_everything(cfg.train.seed)
+        self.algo: Algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm, seed=cfg.train.seed,
+                                                                 total_steps=cfg.train.steps)
+        self.policy = build_policy(cfg, ps, extra_parameters=self.algo.parameters())
+        self.reference = build_reference(cfg, ps) if self.algo.needs_ref else None
+        self.sampler = PromptSampler(len(train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.ckpts = CheckpointDirs(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.step = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._resume()
+        self.sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights")
+        self._export_weights()  # the engines start from the trainer's (initial or resumed) weights
+        self.generator = None
+        if self.is_rank0:
+            from megahybrid.training.generation import Generator
+
+            self.generator = Generator(cfg, tokenizer, str(self.sync_dir))
+        self.logger = MetricsLogger(run_dir, cfg.logging, total_steps=cfg.train.steps, start_step=self.step,
+                                    enabled=self.is_rank0)
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def fit(self, preemption: Any = None) -> dict[str, float]:
+        """Train until cfg.train.steps (or a pre-emption request). Returns the last evaluation metrics."""
+        cfg = self.cfg
+        last_eval: dict[str, float] = {}
+        if self.step == 0:
+            last_eval = self.evaluate(0)
+        while self.step < cfg.train.steps:
+            metrics = self.train_one_step()
+            self.step += 1
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                last_eval = self.evaluate(self.step)
+                metrics.update(last_eval)
+            self.logger.log(self.step, metrics)
+            stop = preemption is not None and agree(preemption.requested)
+            if stop or self.step == cfg.train.steps or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+                self.save()
+            if stop:
+                break
+        return last_eval
+
+    def train_one_step(self) -> dict[str, float]:
+        t_step = time.perf_counter()
+        plan = self.algo.plan(self.step)
+        groups, metrics = self._collect_groups(plan)
+        mine, offset = shard_groups(groups, self.ps.dp_rank, self.ps.dp_size)
+        batch = collate(mine, prompt_offset=offset, pad_id=self.pad_id)
+        t0 = time.perf_counter()
+        self._fill_old_logp(batch, plan)
+        metrics["time/old_logp_s"] = time.perf_counter() - t0
+        batch, local_stats = self.algo.prepare(batch, plan)
+        stats = self._all_reduce_sum(local_stats)
+        mbs = self._micro_batches(batch)
+        t0 = time.perf_counter()
+        result = self.policy.train_step(
+            mbs, lambda mb, logp, ent: self.algo.loss(mb, logp, ent, stats, plan),
+            temperature=self.cfg.rollout.temperature)
+        metrics["time/train_s"] = time.perf_counter() - t0
+        metrics.update({k: float(v) for k, v in result.metrics.items()})
+        metrics["actor/grad_norm"] = float(result.grad_norm)
+        metrics["optim/lr"] = float(result.lr)
+        metrics.update(self.algo.metrics_from_stats(stats))
+        metrics.update(plan.metrics)
+        metrics.update(self.algo.after_step(plan, float(result.grad_norm)))
+        metrics["time/sync_s"] = self._export_weights()
+        metrics.update(self._batch_metrics(groups))
+        metrics["time/step_s"] = time.perf_counter() - t_step
+        num_tokens = self._all_reduce_sum({"n": batch.response_mask.sum().double()})["n"]
+        metrics["perf/tokens_per_s"] = float(num_tokens) / max(metrics["time/train_s"], 1e-9)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- step pieces
+    def _collect_groups(self, plan: StepPlan) -> tuple[list[Group], dict[str, float]]:
+        """Rank 0 samples prompts, generates and scores (resampling for dynamic filters); all ranks get the groups.
+        The sampler advances identically on every rank (its position travels with the groups)."""
+        payload = None
+        if self.is_rank0:
+            payload = self._generate_groups(plan)
+        payload = self._broadcast(payload)
+        groups, metrics, position = payload
+        self.sampler.position = position
+        return groups, metrics
+
+    def _generate_groups(self, plan: StepPlan) -> tuple[list[Group], dict[str, float], int]:
+        from megahybrid.training.generation import filter_groups, light_batch
+
+        want = self.cfg.train.prompts_per_step
+        kept: list[Group] = []
+        metrics: dict[str, float] = {"time/rollout_s": 0.0}
+        rounds = 0
+        num_generated = 0
+        while len(kept) < want and rounds <= self.cfg.train.max_sample_rounds:
+            need = want - len(kept)
+            picks = self.sampler.take(need)
+            seed = (self.cfg.train.seed * 1_000_003 + self.step) * 101 + rounds
+            groups, m = self.generator.make_groups([(i, self.train_set[i]) for i in picks], plan, seed=seed)
+            metrics["time/rollout_s"] += m["time/rollout_s"]
+            num_generated += len(groups)
+            kept += filter_groups(groups, self.algo.keep_sequences(light_batch(groups)))
+            rounds += 1
+        kept = kept[:want]
+        usable = len(kept) - len(kept) % self.ps.dp_size if len(kept) >= self.ps.dp_size else len(kept)
+        metrics["batch/sample_rounds"] = float(rounds)
+        metrics["batch/prompts_generated"] = float(num_generated)
+        metrics["batch/prompts_kept"] = float(usable)
+        metrics["reward/timeouts"] = float(self.generator.num_reward_timeouts)
+        return kept[:usable], metrics, self.sampler.position
+
+    def _fill_old_logp(self, batch: Batch, plan: StepPlan) -> None:
+        temp, mbs = self.cfg.rollout.temperature, self.cfg.train.micro_batch_size
+        if self.algo.needs_old_logp:
+            batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, temperature=temp,
+                                                                         micro_batch_size=mbs)
+        if self.reference is not None:
+            batch.ref_logp, _ = self.reference.logp_entropy(batch.tokens, temperature=temp, micro_batch_size=mbs)
+
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        """Equal-shape micro-batches; every data-parallel rank runs the same number (max over ranks)."""
+        mbs = self.cfg.train.micro_batch_size
+        count = torch.tensor([max(1, math.ceil(batch.num_sequences / mbs))], dtype=torch.long)
+        if self.ps.dp_size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.dp_group)
+        return micro_batches(batch, mbs, int(count.item()), self.pad_id)
+
+    def _batch_metrics(self, groups: list[Group]) -> dict[str, float]:
+        rollouts = [s for g in groups for s in g.sequences if not s.is_demo]
+        out: dict[str, float] = {"batch/prompts": float(len(groups)), "batch/rollouts": float(len(rollouts))}
+        if rollouts:
+            out["reward/mean"] = sum(s.reward for s in rollouts) / len(rollouts)
+            out["reward/accuracy"] = sum(s.reward > 0 for s in rollouts) / len(rollouts)
+            out["response_length/mean"] = sum(len(s.response_ids) for s in rollouts) / len(rollouts)
+            out["response_length/clip_frac"] = sum(s.finish_reason == "length" for s in rollouts) / len(rollouts)
+        return out
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, step: int) -> dict[str, float]:
+        metrics = None
+        if self.is_rank0 and self.eval_set:
+            tr = self.cfg.train
+            metrics = self.generator.evaluate(
+                self.eval_set, n=tr.eval_n, temperature=tr.eval_temperature,
+                max_new_tokens=tr.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
+                seed=tr.seed * 7919 + step)
+            self.logger.log_eval(step, metrics)
+            self.history.setdefault("eval/accuracy", []).append((step, metrics.get("eval/accuracy", float("nan"))))
+        return self._broadcast(metrics) or {}
+
+    # ------------------------------------------------------------------------------------------- weights / state
+    def _export_weights(self) -> float:
+        """Write the policy as a HF folder and point the engines at it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)
+        self._barrier()
+        if getattr(self, "generator", None) is not None:
+            self.generator.pool.update_weights(str(self.sync_dir))
+        return time.perf_counter() - t0
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "algorithm": self.algo.state_dict(),
+                "rng": rng_state(), "history": self.history}
+
+    def save(self) -> Path | None:
+        staging = self.ckpts.staging(self.step) if self.is_rank0 else None
+        staging = self._broadcast(str(staging) if staging else None)
+        self.policy.save(staging, self.extra_state())
+        self._barrier()
+        final = self.ckpts.commit(Path(staging), self.step) if self.is_rank0 else None
+        self._barrier()
+        return final
+
+    def _resume(self) -> None:
+        if self.cfg.train.resume != "auto":
+            return
+        latest = self.ckpts.latest_complete() if self.is_rank0 else None
+        latest = self._broadcast(str(latest) if latest else None)
+        if latest is None:
+            return
+        state = self.policy.load(latest)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.algo.load_state_dict(state["algorithm"])
+        set_rng_state(state["rng"])
+        self.history = state.get("history", {})
+
+    # ------------------------------------------------------------------------------------------- collectives
+    def _broadcast(self, obj: Any) -> Any:
+        if self.ps.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.ps.world_size > 1:
+            dist.barrier()
+
+    def _all_reduce_sum(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.ps.dp_size == 1 or not stats:
+            return stats
+        keys = sorted(stats)
+        flat = torch.cat([stats[k].double().reshape(-1) for k in keys])
+        dist.all_reduce(flat, group=self.ps.dp_group)
+        out, i = {}, 0
+        for k in keys:
+            n = stats[k].numel()
+            out[k] = flat[i:i + n].reshape(stats[k].shape).to(stats[k].dtype)
+            i += n
+        return out
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.generator is not None:
+            self.generator.close()
