@@ -19,11 +19,12 @@ from pathlib import Path
 from megahybrid.training.signals import PreemptionHandler
 out = Path(sys.argv[1])
 with PreemptionHandler() as handler:
-    print("ready", flush=True)
     step = 0
     while not handler.requested:
         step += 1
         time.sleep(0.005)  # one "training step"
+        if step == 1:
+            print("ready", flush=True)
         if step > 10000:
             sys.exit(3)  # never signalled: fail instead of hanging
     (out / "saved.json").write_text(json.dumps({"step": step, "signal": handler.signal_name}))
