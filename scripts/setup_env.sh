@@ -8,7 +8,9 @@ PY="${PYTHON:-python3}"
 STAMP="$VENV/.megahybrid-stamp"
 want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -x "$VENV/bin/python" ]]; then
+# The import check (run from outside the tree) catches an editable install made before the package existed.
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -x "$VENV/bin/python" ]] &&
+   (cd / && "$VENV/bin/python" -c "import megahybrid" 2>/dev/null); then
   exit 0
 fi
 
