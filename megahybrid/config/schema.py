@@ -18,7 +18,10 @@ class ModelConfig:
     hf_path: str | None = None
     """Hugging Face folder to initialise weights (and tokenizer) from; None = random init from the fields below."""
     tokenizer: str | None = None
-    """Tokenizer folder; defaults to `hf_path`. For tiny runs a character tokenizer is built into the run dir."""
+    """Tokenizer folder; defaults to `hf_path`. Without either, a character tokenizer is built into the run dir."""
+    char_alphabet: str | None = None
+    """Characters of that built-in character tokenizer (None = digits, letters, punctuation); a small alphabet
+    means a small vocabulary and a lower starting entropy for random-init models."""
     num_layers: int = 2
     """Transformer layers."""
     hidden_size: int = 128

@@ -75,7 +75,7 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, ps: Any):
         if ps.rank == 0 and not (Path(path) / "tokenizer.json").exists():
             from megahybrid.model.tiny import build_char_tokenizer
 
-            build_char_tokenizer(path)
+            build_char_tokenizer(path, alphabet=cfg.model.char_alphabet)
         if ps.world_size > 1:
             dist.barrier()
     tok = AutoTokenizer.from_pretrained(path)

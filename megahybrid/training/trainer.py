@@ -8,6 +8,7 @@ Megatron optimizer step over micro-batches -> algorithm.after_step -> weight syn
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,13 @@ class Trainer:
     def _resume(self) -> None:
         if self.cfg.train.resume != "auto":
             return
-        latest = self.ckpts.latest_complete() if self.is_rank0 else None
+        latest = None
+        if self.is_rank0:
+            latest = self.ckpts.latest_complete()
+            for path, reason in self.ckpts.skipped().items():
+                print(f"[megahybrid] ignoring incomplete checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+            if latest is not None:
+                print(f"[megahybrid] resuming from {latest}", file=sys.stderr, flush=True)
         latest = self._broadcast(str(latest) if latest else None)
         if latest is None:
             return
