@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from megahybrid.config.loader import load_config, to_dict
 from megahybrid.training.run_dir import MARKER, CheckpointDirs, write_resolved_config
 
+REPO_ROOT = str(Path(__file__).resolve().parents[3])  # subprocesses import megahybrid from this checkout
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -142,7 +144,7 @@ with open(staging / "weights.bin", "wb") as f:
 
 
 def test_writer_killed_mid_save_keeps_last_good_checkpoint(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             env=env)
     try:

@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from megahybrid.training.signals import PreemptionHandler, agree
 
+REPO_ROOT = str(Path(__file__).resolve().parents[3])  # subprocesses import megahybrid from this checkout
 pytestmark = pytest.mark.timeout(90)
 
 LOOP = """
@@ -34,7 +36,7 @@ sys.exit(0 if restored else 4)
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
