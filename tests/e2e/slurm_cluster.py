@@ -1,0 +1,259 @@
+"""A real single-node Slurm cluster for tests (Debian's slurmctld/slurmd/munge, started by hand).
+
+What it does (ENVIRONMENT.md, "Slurm"): installs the Debian packages with apt-get when `sbatch`/`slurmctld` are
+missing (needs root), writes a private slurm.conf + gres.conf + munge key under one temporary directory, starts
+munged, slurmctld and slurmd from that directory on free ports (so it never touches a system Slurm), declares 8
+fake GPUs (character devices made with mknod) so the unmodified `#SBATCH --gpus-per-node=8` lines are accepted,
+waits (bounded) until the node is idle, and stops every daemon by the PID it recorded.
+
+Clients find this cluster through `SLURM_CONF` (see `SlurmCluster.env`). Accounting is off, so job states are
+read with `scontrol show job` (kept for `MinJobAge` seconds after the end), never with sacct.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED"}
+NUM_FAKE_GPUS = 8
+NUM_CPUS = 16  # declared, not real: `config_overrides` lets slurmd advertise more than the 2 real cores
+
+
+class SlurmUnavailable(RuntimeError):
+    pass
+
+
+def ensure_packages(binaries: list[str], packages: list[str], timeout: float = 600) -> None:
+    """apt-get install `packages` when any of `binaries` is missing (CI: fresh Debian, root, only the venv)."""
+    if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in binaries):
+        return
+    if os.geteuid() != 0:
+        raise SlurmUnavailable(f"{binaries} missing and not root: cannot apt-get install {packages}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode:
+            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                                   f"\n{proc.stderr[-2000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_pid(path: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    raise SlurmUnavailable(f"daemon did not write its pid file {path} within {timeout:.0f} s")
+
+
+@dataclass
+class JobInfo:
+    job_id: str
+    state: str
+    exit_code: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    node: str
+    env: dict
+    pids: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------------ clients
+    def run(self, *cmd: str, env: dict | None = None, timeout: float = 60, check: bool = True,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
+        if check and proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def sbatch(self, *args: str, env: dict | None = None, cwd: str | Path | None = None) -> str:
+        out = self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip()
+        return out.split(";")[0]
+
+    def job(self, job_id: str) -> JobInfo | None:
+        proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        if proc.returncode:
+            return None
+        fields = dict(tok.split("=", 1) for tok in proc.stdout.split() if "=" in tok)
+        return JobInfo(job_id, fields.get("JobState", "?"), fields.get("ExitCode", "?"), fields)
+
+    def wait(self, job_id: str, timeout: float, states: set[str] = TERMINAL_STATES) -> JobInfo:
+        """Poll `scontrol show job` until the job reaches one of `states`; cancel it and fail on timeout."""
+        deadline = time.monotonic() + timeout
+        info = None
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info is not None and info.state in states:
+                return info
+            time.sleep(0.5)
+        self.run("scancel", job_id, check=False)
+        raise AssertionError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
+                             f"{info.fields if info else 'unknown to scontrol'}\n{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / "log" / name
+            if path.exists():
+                parts.append(f"--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-30:]))
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------------------------------------ daemons
+    def stop(self) -> None:
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.pids.pop(name, None)
+            if pid is None:
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _write_config(root: Path, node: str, ports: tuple[int, int]) -> None:
+    gpu_dir = root / "dev"
+    gpu_dir.mkdir()
+    for i in range(NUM_FAKE_GPUS):  # gres File= must be character devices; 1,3 is /dev/null's major/minor
+        os.mknod(gpu_dir / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
+    for sub in ("state", "spool", "log", "run"):
+        (root / sub).mkdir()
+    conf = f"""\
+ClusterName=megahybridtest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/run/munge.socket
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SlurmdParameters=config_overrides
+GresTypes=gpu
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+NodeName={node} NodeAddr=127.0.0.1 CPUs={NUM_CPUS} RealMemory=2000 Gres=gpu:{NUM_FAKE_GPUS} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+"""
+    (root / "slurm.conf").write_text(conf)
+    (root / "gres.conf").write_text(f"Name=gpu File={gpu_dir}/gpu[0-{NUM_FAKE_GPUS - 1}]\n")
+    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
+
+
+def _start_munge(root: Path) -> int:
+    run_dir = root / "run"
+    key = run_dir / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    os.chmod(key, 0o400)
+    for path in (run_dir, key):
+        shutil.chown(path, "munge", "munge")
+    os.chmod(run_dir, 0o755)
+    cmd = ["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={run_dir}/munge.socket",
+           f"--key-file={key}", f"--pid-file={run_dir}/munged.pid", f"--seed-file={run_dir}/munged.seed",
+           f"--log-file={run_dir}/munged.log", "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if proc.returncode:
+        raise SlurmUnavailable(f"munged failed to start: {proc.stderr}")
+    return _read_pid(run_dir / "munged.pid", 10)
+
+
+def start_cluster(timeout: float = 60) -> SlurmCluster:
+    """Start a private single-node cluster; the caller must call `.stop()` (the `slurm` fixture does)."""
+    ensure_packages(["sbatch", "slurmctld", "slurmd", "munged"], PACKAGES)
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("starting slurmd needs root")
+    node = socket.gethostname().split(".")[0]
+    root = Path(tempfile.mkdtemp(prefix="mh-slurm-", dir="/tmp"))
+    os.chmod(root, 0o755)  # munged (user munge) must traverse it
+    _write_config(root, node, (_free_port(), _free_port()))
+    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+    for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        env.pop(var)
+    cluster = SlurmCluster(root=root, node=node, env=env)
+    try:
+        cluster.pids["munged"] = _start_munge(root)
+        for name in ("slurmctld", "slurmd"):
+            # -i: ignore stale state; both daemonize and write their pid files
+            proc = subprocess.run([f"/usr/sbin/{name}", "-f", str(root / "slurm.conf"), "-i"] if name == "slurmctld"
+                                  else [f"/usr/sbin/{name}", "-f", str(root / "slurm.conf")],
+                                  env=env, capture_output=True, text=True, timeout=30)
+            if proc.returncode:
+                raise SlurmUnavailable(f"{name} failed to start: {proc.stderr}\n{cluster.diagnostics()}")
+            cluster.pids[name] = _read_pid(root / "run" / f"{name}.pid", 15)
+        _wait_idle(cluster, timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        proc = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False)
+        state = proc.stdout.strip()
+        if proc.returncode == 0 and state == "idle":
+            return
+        time.sleep(0.5)
+    raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (state {state!r})\n{cluster.diagnostics()}")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running private Slurm cluster for the whole session; daemons stopped by PID at the end."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
