@@ -253,6 +253,8 @@ def _allows_none(tp: Any) -> bool:
 
 
 def from_dict(data: dict, source: str = "<config>") -> RunConfig:
+    # an absent `algorithm:` section still resolves through the registry (to the default method's own Config)
+    data = {**data, "algorithm": data.get("algorithm") or {}}
     conv = _Converter(source)
     cfg = conv.section(RunConfig, data, "")
     if conv.problems:

@@ -100,6 +100,8 @@ class Trainer:
         metrics["optim/lr"] = float(result.lr)
         metrics.update(self.algo.metrics_from_stats(stats))
         metrics.update(plan.metrics)
+        if plan.kind in ("sft", "rl"):  # hybrid methods log their own routing fraction
+            metrics["train/sft_frac"] = 1.0 if plan.kind == "sft" else 0.0
         metrics.update(self.algo.after_step(plan, float(result.grad_norm)))
         metrics["time/sync_s"] = self._export_weights()
         metrics.update(self._batch_metrics(groups))
