@@ -10,7 +10,8 @@ may be spread over several micro-batches.
 `gate: uncertainty` (SuperRL Eq. 2): `L = exp(-2 s_pg) L_pg + exp(-2 s_sft) L_sft + s_pg + s_sft` with both
 losses over the whole batch and learnable scalars `s_pg`, `s_sft` (init 0; `parameters()`, `state_dict()`). The
 constant `s_pg + s_sft` is spread over micro-batches in proportion to their sequence counts, so the shares still
-sum to L. The caller must all-reduce (SUM) the log-sigma gradients over data-parallel ranks, like any gradient.
+sum to L. Convention: a branch with no tokens in the global batch (e.g. no demos this step) also drops its `s`
+term, so its log-sigma gets no gradient instead of drifting to -inf. The caller must all-reduce (SUM) the log-sigma gradients over data-parallel ranks, like any gradient.
 
 Metrics (loss parts before the log-sigma weighting; `loss/pg` is the surrogate part, KL and entropy bonus are
 `loss/kl` / `loss/entropy`): shares `loss/pg`, `loss/sft`, `loss/kl`, `actor/kl` (kl_coef > 0), `loss/entropy` (entropy_coef != 0),
@@ -130,8 +131,8 @@ class SuperRL(Algorithm):
         out["superrl/sft_frac"] = float(stats["superrl/num_sft"]) / num_prompts
         if self.log_sigmas:
             for k, p in self.log_sigmas.items():
-                out[f"superrl/{k}"] = float(p)
-                out[f"superrl/w_{k[2:]}"] = math.exp(-2.0 * float(p))
+                out[f"superrl/{k}"] = float(p.detach())
+                out[f"superrl/w_{k[2:]}"] = math.exp(-2.0 * float(p.detach()))
         else:
             out["superrl/pg_frac"] = float(stats["superrl/num_pg"]) / num_prompts
             out["superrl/no_signal"] = float(stats["superrl/num_no_signal"])
@@ -176,7 +177,10 @@ class SuperRL(Algorithm):
         sft = aggregate(sft_token_loss(mb, logp, groups["demo"]), groups["demo"], cfg.loss_agg, stats, "demo")
         s_pg, s_sft = (self.log_sigmas[k].to(logp.dtype) for k in LOG_SIGMAS)
         # The regulariser s_pg + s_sft appears once in L: each micro-batch carries its share of the sequences.
+        # A branch without any token in the global batch drops its s term too, else its s would drift to -inf
+        # (and a batch without tokens must have loss 0 and zero gradient, SPEC 9).
         share = mb.num_sequences / stats["num_sequences"].to(logp.dtype).clamp(min=1)
-        loss = torch.exp(-2 * s_pg) * pg + torch.exp(-2 * s_sft) * sft + (s_pg + s_sft) * share
+        reg = s_pg * float(stats["num_tokens/rollout"] > 0) + s_sft * float(stats["num_tokens/demo"] > 0)
+        loss = torch.exp(-2 * s_pg) * pg + torch.exp(-2 * s_sft) * sft + reg * share
         metrics["loss/sft"] = sft.detach()
         return loss, metrics
