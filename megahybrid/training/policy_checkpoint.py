@@ -1,0 +1,129 @@
+"""Policy checkpoints with `megatron.core.dist_checkpointing` and export to a Hugging Face folder.
+
+Checkpoint content: the model's sharded tensors (keys use global layer numbers, so a checkpoint saved at one
+TP/PP layout loads at another), the optimizer state in Megatron's reshardable format, the lr-scheduler state,
+and `extra_state` (any picklable dict; rank 0's copy is stored and returned to every rank on load).
+The writer runs in spawned processes: scripts that save need an `if __name__ == "__main__":` guard.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megahybrid.model import convert
+from megahybrid.model.hf_config import hf_config_dict, read_hf_config
+from megahybrid.model.hf_io import HFCheckpointWriter
+
+_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+         "singleton_local_shards": False}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def sharded_state_dict(policy, *, is_loading: bool = False) -> dict[str, Any]:
+    """{"model": {"chunk<i>": ...}, "optimizer": ..., "scheduler": ...} for dist_checkpointing. The chunk keys
+    are only containers: tensors are matched by their global sharded keys."""
+    meta = dict(_META, dp_cp_group=policy.ps.dp_group)
+    model = {f"chunk{i}": m.sharded_state_dict(prefix="", metadata=meta) for i, m in enumerate(policy.modules)}
+    state: dict[str, Any] = {"model": model}
+    if policy.trainable:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=meta)
+        state["scheduler"] = policy.scheduler.state_dict()
+    return state
+
+
+def save_checkpoint(policy, directory: str, extra_state: dict[str, Any]) -> None:
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    state = sharded_state_dict(policy)
+    state["extra_state"] = extra_state
+    dist_checkpointing.save(state, directory)
+    dist.barrier()
+
+
+def load_checkpoint(policy, directory: str) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    request = sharded_state_dict(policy, is_loading=True)
+    loaded = dist_checkpointing.load(request, directory)
+    for i, module in enumerate(policy.modules):
+        module.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    if policy.trainable:
+        if "optimizer" not in loaded or "scheduler" not in loaded:
+            raise KeyError(f"{directory}: checkpoint has no optimizer/scheduler state (saved from a frozen policy?)")
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        policy.scheduler.load_state_dict(loaded["scheduler"])
+    policy._sync_extra_parameters()
+    return loaded.get("extra_state", {})
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def _stage_tensors(policy):
+    tp = convert.TPInfo(policy.ps.tp_rank, policy.ps.tp_size, policy.ps.tp_group)
+    return convert.iter_stage_hf_tensors(policy.modules, policy.model_config, tp, policy.head.padded_vocab_size)
+
+
+def _stream_to_writer(policy, writer: HFCheckpointWriter | None) -> None:
+    """Pipeline stage s (in order) sends its TP-gathered tensors one by one to stage 0 over the PP group;
+    only the (dp 0, tp 0) pipeline carries data, the other TP ranks only take part in the TP gathers."""
+    ps = policy.ps
+    for stage in range(ps.pp_size):
+        if stage == ps.pp_rank:
+            for name, tensor in _stage_tensors(policy):
+                if ps.tp_rank != 0:
+                    continue
+                if stage == 0:
+                    writer.add(name, tensor.cpu())
+                    continue
+                header = [(name, tuple(tensor.shape), tensor.dtype)]
+                dist.send_object_list(header, group_dst=0, group=ps.pp_group)
+                dist.send(tensor.contiguous().to(ps.device), group_dst=0, group=ps.pp_group)
+            if stage != 0 and ps.tp_rank == 0:
+                dist.send_object_list([None], group_dst=0, group=ps.pp_group)
+        elif ps.pp_rank == 0 and ps.tp_rank == 0 and stage != 0:
+            while True:
+                header = [None]
+                dist.recv_object_list(header, group_src=stage, group=ps.pp_group)
+                if header[0] is None:
+                    break
+                name, shape, dtype = header[0]
+                buf = torch.empty(shape, dtype=dtype, device=ps.device)
+                dist.recv(buf, group_src=stage, group=ps.pp_group)
+                writer.add(name, buf.cpu())
+
+
+def _write_config_and_tokenizer(policy, out_dir: str, tokenizer_dir: str | None) -> None:
+    import json
+
+    m = policy.model_config
+    config = read_hf_config(m.hf_path) if m.hf_path else hf_config_dict(m)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer_dir = tokenizer_dir or m.tokenizer or m.hf_path
+    if tokenizer_dir:
+        for name in sorted(os.listdir(tokenizer_dir)):
+            src = os.path.join(tokenizer_dir, name)
+            if (os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES) and name != "config.json"
+                    and not name.startswith("model.safetensors")):
+                shutil.copy2(src, os.path.join(out_dir, name))
+
+
+def export_hf(policy, out_dir: str, *, tokenizer_dir: str | None = None, max_shard_bytes: int = 2 << 30) -> None:
+    """Write the policy's weights (TP-gathered, PP-collected) as an HF folder at `out_dir` on global rank 0 of
+    data-parallel replica 0. Collective over all ranks."""
+    ps = policy.ps
+    writer = HFCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) \
+        if (ps.dp_rank == 0 and ps.tp_rank == 0 and ps.pp_rank == 0) else None
+    if ps.dp_rank == 0:
+        _stream_to_writer(policy, writer)
+    if writer is not None:
+        writer.close()
+        _write_config_and_tokenizer(policy, out_dir, tokenizer_dir)
+    dist.barrier()
