@@ -16,6 +16,7 @@ Metrics: plan `sasr/p`, `sasr/is_sft`; after_step `sasr/g_warmup`, `sasr/g_last_
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,7 +36,9 @@ STATE_KEYS = ("g_warmup", "g_last_sft", "step")
 
 def step_uniform(seed: int, step: int) -> float:
     """alpha ~ U(0, 1) from a generator seeded by (seed, step): identical on every rank and after a resume."""
-    gen = torch.Generator().manual_seed((seed % 2**32) * 2**32 + step % 2**32)
+    # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, step) is hashed into 32 bits.
+    mixed = int.from_bytes(hashlib.blake2b(f"sasr:{seed}:{step}".encode(), digest_size=4).digest(), "little")
+    gen = torch.Generator().manual_seed(mixed)
     return float(torch.rand((), generator=gen, dtype=torch.float64))
 
 
