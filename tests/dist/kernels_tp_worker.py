@@ -72,6 +72,8 @@ def check_missing_target(rank, world, impl):
 
 def worker(rank, world, init_file, impls, cases):
     os.environ["OMP_NUM_THREADS"] = "1"
+    if "triton" in impls:  # Triton's CPU interpreter; must precede the first import of the kernels
+        os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -1,11 +1,17 @@
 """Vocabulary-parallel token_logprob_entropy: TP=2 and TP=4 (gloo, one process per rank) equal TP=1.
 
 Cases: vocabulary not divisible by TP (padded rows), a shard made only of padding, targets in other ranks'
-shards, temperature != 1, blocks that divide nothing. Both the reference (all-gather) and the chunked op.
+shards, temperature != 1, blocks that divide nothing. The reference (all-gather), chunked and (TP=2, through
+Triton's CPU interpreter) triton implementations.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch.multiprocessing as mp
-from kernels_tp_worker import worker
+
+sys.path.insert(0, str(Path(__file__).parent))  # the worker module, also under --import-mode=importlib
+from kernels_tp_worker import worker  # noqa: E402
 
 CASES = {
     2: [dict(num_tokens=11, dim=6, vocab_size=23, rows=12, temperature=0.7, chunk_size=5, seed=1)],
@@ -15,9 +21,13 @@ CASES = {
 }
 
 
+IMPLS = {2: ["reference", "chunked", "triton"], 4: ["reference", "chunked"]}  # triton: CPU interpreter
+
+
 @pytest.mark.dist
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_equals_tp1(world, tmp_path):
-    mp.spawn(worker, args=(world, str(tmp_path / "store"), ["reference", "chunked"], CASES[world]),
-             nprocs=world, join=True)
+    if "triton" in IMPLS[world]:
+        pytest.importorskip("triton", reason="the `triton` package (cpu extra) is not installed")
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), IMPLS[world], CASES[world]), nprocs=world, join=True)
