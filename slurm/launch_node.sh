@@ -4,6 +4,7 @@
 # hand on one machine:   slurm/launch_node.sh configs/tiny/srft_arith.yaml train.steps=2
 #
 # Environment (all optional; [default]):
+#   MEGAHYBRID_HOME      the repository; relative paths are taken from there  [the current directory]
 #   MH_NNODES            number of node launchers              [$SLURM_NTASKS, else 1]
 #   MH_NPROC_PER_NODE    trainer ranks on this node            [computed from the config by megahybrid.launch.prepare]
 #   MH_NODE_PYTHON       Python interpreter                    [$MEGAHYBRID_PYTHON, else python]
@@ -29,6 +30,9 @@ fi
 config=$1
 shift
 
+if [[ -n ${MEGAHYBRID_HOME:-} ]]; then
+    cd "$MEGAHYBRID_HOME" || exit 2  # relative config and run paths are relative to the repository
+fi
 python=${MH_NODE_PYTHON:-${MEGAHYBRID_PYTHON:-python}}
 if [[ -z ${MH_NPROC_PER_NODE:-} ]]; then
     # Not started by common.sh: resolve the layout here (exits 2 on a bad config).

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megahybrid.config.loader import ConfigError
+from megahybrid.config.loader import ConfigError, deep_merge, from_dict, to_dict
 from megahybrid.config.schema import RunConfig
 
 GIB = 1 << 30
@@ -173,6 +173,23 @@ def rollout_memory(cfg: RunConfig, gpu_bytes: float) -> dict[str, float]:
             "kv_tokens": max(kv, 0.0) / kv_per_token}
 
 
+# ---------------------------------------------------------------------------------------------- stages
+def stage_configs(cfg: RunConfig, source: str = "<config>") -> list[RunConfig]:
+    """Each curriculum stage (`stages:`) as a full config: the stage's partial config deep-merged over `cfg`.
+    A stage that changes `algorithm.name` replaces the algorithm section (the old method's own fields would be
+    unknown keys of the new one)."""
+    out = []
+    base = to_dict(cfg)
+    base["stages"] = []
+    for i, stage in enumerate(cfg.stages):
+        data = dict(base)
+        algo = stage.get("algorithm") or {}
+        if algo.get("name", cfg.algorithm.name) != cfg.algorithm.name:
+            data["algorithm"] = {}
+        out.append(from_dict(deep_merge(data, stage), f"{source}: stages[{i}]"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def gpu_memory_gib(cfg: RunConfig) -> float:
     return float(getattr(cfg.launch, "gpu_memory_gib", GPU_MEMORY_GIB))
@@ -207,13 +224,14 @@ def plan_problems(cfg: RunConfig) -> list[str]:
     if per_node != int(per_node) or int(per_node) % ro.gpus_per_worker:
         problems.append(f"rollout GPUs (rollout.num_workers*gpus_per_worker={lay.rollout_gpus}) must split into "
                         f"whole engines over {engine_nodes} node(s)")
-    used = (lay.trainer_per_node if lay.rollout_nodes == 0 else 0) + per_node
-    if lay.rollout_nodes == 0 and used > lay.gpus_per_node or lay.trainer_per_node > lay.gpus_per_node:
-        problems.append(f"node needs {used:g} GPUs (trainer {lay.trainer_per_node} + rollout {per_node:g}) but "
-                        f"launch.gpus_per_node is {lay.gpus_per_node}")
-    if lay.rollout_nodes and per_node > lay.gpus_per_node:
-        problems.append(f"rollout needs {per_node:g} GPUs per rollout node; launch.gpus_per_node is "
-                        f"{lay.gpus_per_node}")
+    if lay.rollout_nodes == 0:
+        need = {"node": lay.trainer_per_node + per_node}
+    else:
+        need = {"trainer node": lay.trainer_per_node, "rollout node": per_node}
+    for kind, used in need.items():
+        if used > lay.gpus_per_node:
+            problems.append(f"{kind} needs {used:g} GPUs (trainer {lay.trainer_per_node} per node, rollout "
+                            f"{per_node:g} per node) but launch.gpus_per_node is {lay.gpus_per_node}")
     cap = gpu_memory_gib(cfg) * GIB
     total = sum(trainer_memory(cfg, lay).values())
     if total > cap:
@@ -278,9 +296,17 @@ def _memory_lines(cfg: RunConfig, lay: Layout) -> list[str]:
 
 
 def describe_plan(cfg: RunConfig) -> str:
-    """Human-readable layout + memory estimate; raises ConfigError when the layout is infeasible."""
+    """Human-readable layout + memory estimate (of every curriculum stage too); raises ConfigError when a layout
+    is infeasible."""
     lay = layout_of(cfg)
-    problems = plan_problems(cfg)
+    stages = stage_configs(cfg)
+    problems = [f"plan: {p}" for p in plan_problems(cfg)]
+    for i, stage in enumerate(stages):
+        problems += [f"plan: stages[{i}]: {p}" for p in plan_problems(stage)]
     if problems:
-        raise ConfigError([f"plan: {p}" for p in problems])
-    return "\n".join(_layout_lines(cfg, lay) + _memory_lines(cfg, lay))
+        raise ConfigError(problems)
+    lines = _layout_lines(cfg, lay) + _memory_lines(cfg, lay)
+    for i, stage in enumerate(stages):
+        lines.append(f"stage {i} ({stage.algorithm.name}, {stage.train.steps} steps):")
+        lines += ["  " + line for line in _memory_lines(stage, layout_of(stage))]
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ read, so one profile serves many users (`partition: ${MEGAHYBRID_PARTITION:-}`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -91,9 +92,16 @@ def load_cluster(name: str | None = None) -> ClusterProfile:
     for key, value in data.items():
         where = f"{path}: {key}"
         if key not in fields or key == "name":
-            problems.append(f"{where}: unknown key; valid keys: {', '.join(k for k in fields if k != 'name')}")
+            valid = [k for k in fields if k != "name"]
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            problems.append(f"{where}: unknown key; {hint}")
             continue
-        value = _expand_tree(value, where)
+        try:
+            value = _expand_tree(value, where)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         if key == "container_mounts" and isinstance(value, str):  # `${MEGAHYBRID_MOUNTS:-}`: comma-separated
             value = [v.strip() for v in value.split(",") if v.strip()]
         if key in ("container_mounts", "modules", "setup"):
