@@ -248,12 +248,21 @@ def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
     raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (state {state!r})\n{cluster.diagnostics()}")
 
 
+_SHARED: dict = {"cluster": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def slurm():
-    """A running private Slurm cluster for the whole session; daemons stopped by PID at the end."""
-    cluster = start_cluster()
+    """A running private Slurm cluster, shared by every test module that imports this fixture (started once,
+    reference-counted); daemons stopped by PID when the last user is torn down."""
+    if _SHARED["cluster"] is None:
+        _SHARED["cluster"] = start_cluster()
+    _SHARED["users"] += 1
     try:
-        yield cluster
+        yield _SHARED["cluster"]
     finally:
-        cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            cluster, _SHARED["cluster"] = _SHARED["cluster"], None
+            cluster.stop()
+            shutil.rmtree(cluster.root, ignore_errors=True)
