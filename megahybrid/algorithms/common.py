@@ -38,8 +38,9 @@ def base_stats(batch: Batch) -> dict[str, Tensor]:
     rollout = ~batch.is_demo
     stats["num_rollouts"] = rollout.sum().to(STAT_DTYPE)
     stats["num_demos"] = batch.is_demo.sum().to(STAT_DTYPE)
-    stats["num_sequences"] = torch.tensor(float(batch.num_sequences), dtype=STAT_DTYPE)
-    stats["num_prompts"] = torch.tensor(float(dense_groups(batch.prompt_index)[1]), dtype=STAT_DTYPE)
+    device = batch.tokens.device  # statistics live where the batch lives (NCCL all-reduces CUDA tensors)
+    stats["num_sequences"] = torch.tensor(float(batch.num_sequences), dtype=STAT_DTYPE, device=device)
+    stats["num_prompts"] = torch.tensor(float(dense_groups(batch.prompt_index)[1]), dtype=STAT_DTYPE, device=device)
     stats["sum/reward"] = batch.rewards[rollout].detach().sum().to(STAT_DTYPE)
     return stats
 

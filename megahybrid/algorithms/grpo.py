@@ -69,7 +69,7 @@ class GRPO(Algorithm):
 
     def keep_sequences(self, batch: Batch) -> Tensor:
         if not self.cfg.filter_groups:
-            return torch.ones(batch.num_sequences, dtype=torch.bool)
+            return torch.ones(batch.num_sequences, dtype=torch.bool, device=batch.tokens.device)
         return keep_groups(batch.rewards, batch.prompt_index, ~batch.is_demo, self.cfg.min_std)
 
     def prepare(self, batch: Batch, plan: StepPlan) -> tuple[Batch, dict[str, Tensor]]:

@@ -175,7 +175,7 @@ class SuperRL(Algorithm):
         parts = pg_token_parts(cfg, mb, logp, entropy, groups["rollout"], mb.fields[ADV], cfg.kl_coef)
         pg, metrics = aggregate_pg(cfg, parts, groups["rollout"], stats, "rollout", cfg.kl_coef)
         sft = aggregate(sft_token_loss(mb, logp, groups["demo"]), groups["demo"], cfg.loss_agg, stats, "demo")
-        s_pg, s_sft = (self.log_sigmas[k].to(logp.dtype) for k in LOG_SIGMAS)
+        s_pg, s_sft = (self.log_sigmas[k].to(device=logp.device, dtype=logp.dtype) for k in LOG_SIGMAS)
         # The regulariser s_pg + s_sft appears once in L: each micro-batch carries its share of the sequences.
         # A branch without any token in the global batch drops its s term too, else its s would drift to -inf
         # (and a batch without tokens must have loss 0 and zero gradient, SPEC 9).
