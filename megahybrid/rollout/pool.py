@@ -1,0 +1,416 @@
+"""RolloutPool: N engine worker processes behind one `generate` call.
+
+Prompts are split into one contiguous shard per worker; results come back in prompt order. A shard whose
+worker dies or exceeds `request_timeout_s` is resubmitted whole to a restarted worker (a shard's results are
+only accepted as one reply, so nothing is lost or duplicated), and because every prompt samples with its own
+seed (`SamplingOptions.request_seeds`) the resubmitted shard gives the same samples.
+
+Weights: `update_weights(hf_dir)` makes every engine reload a shared safetensors folder (works across
+nodes); `broadcast_weights(named_tensors)` sends them over a torch.distributed group whose rank 0 is this
+process (the trainer's rank 0) and whose other ranks are the engines (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megahybrid.config.schema import RolloutConfig
+from megahybrid.rollout.types import RolloutError, RolloutSample, SamplingOptions
+from megahybrid.rollout.vllm_engine import cpu_env
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass
+class _Slot:
+    index: int
+    log_path: str
+    proc: subprocess.Popen | None = None
+    conn: Connection | None = None
+    state: str = "dead"
+    """starting | idle | busy | dead"""
+    shard: int | None = None
+    deadline: float = 0.0
+    start_failures: int = 0
+    """Consecutive failed starts (the pool gives up after max_attempts)."""
+    stale: bool = False
+    """Broadcast mode: restarted after the last broadcast, so its weights are old (no work until re-synced)."""
+    info: dict = field(default_factory=dict)
+
+
+class RolloutPool:
+    """`RolloutEngine` over `cfg.num_workers` VLLMEngine worker processes."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: str, *, seed: int, max_model_len: int,
+                 log_dir: str | None = None, start_timeout_s: float = 600.0, max_attempts: int = 3,
+                 gpu_ids: list[int] | None = None):
+        if cfg.num_workers < 1:
+            raise ValueError(f"rollout.num_workers: expected >= 1, got {cfg.num_workers}")
+        self.cfg, self.model_dir = cfg, model_dir
+        self.start_timeout_s, self.max_attempts = start_timeout_s, max_attempts
+        self.cuda = cfg.gpus_per_worker > 0
+        self._engine_kwargs = dict(model_dir=model_dir, max_model_len=max_model_len, seed=seed,
+                                   device="cuda" if self.cuda else "cpu",
+                                   kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, max_num_seqs=cfg.max_num_seqs,
+                                   gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                   tensor_parallel_size=max(1, cfg.gpus_per_worker))
+        g = cfg.gpus_per_worker
+        self._gpu_ids = gpu_ids if gpu_ids is not None else list(range(cfg.num_workers * g))
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="megahybrid-rollout-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._slots = [_Slot(i, os.path.join(self.log_dir, f"worker{i}.log")) for i in range(cfg.num_workers)]
+        self._weights_path: str | None = None
+        self._last_broadcast: dict[str, Tensor] | None = None
+        self._group = None
+        self._group_members: tuple | None = None
+        self.weights_version = 0
+        self.num_restarts = self.num_timeouts = 0
+        self.last_sync_s = 0.0
+        self._closed = False
+        for s in self._slots:
+            self._spawn(s)
+        self._wait_started(strict=True)
+
+    # ----- processes -------------------------------------------------------------------------------------------
+    def _env(self, slot: _Slot) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+        if self.cuda:
+            g = self.cfg.gpus_per_worker
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self._gpu_ids[slot.index * g:(slot.index + 1) * g])
+        else:
+            env.update(cpu_env())
+        return env
+
+    def _spawn(self, slot: _Slot) -> None:
+        ours, theirs = socket.socketpair()
+        with open(slot.log_path, "ab") as log:
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "megahybrid.rollout.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=self._env(slot), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)  # own process group: killed as a whole
+        theirs.close()
+        slot.conn = Connection(ours.detach())
+        slot.conn.send(("init", self._engine_kwargs, self._weights_path))
+        slot.state, slot.shard, slot.deadline = "starting", None, time.monotonic() + self.start_timeout_s
+        # weights that arrived by broadcast are not on disk: a restarted worker needs a re-send
+        slot.stale = self._weights_path is None and self.weights_version > 0
+
+    def _kill(self, slot: _Slot) -> None:
+        if slot.proc is not None and slot.proc.poll() is None:
+            try:
+                os.killpg(slot.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if slot.proc is not None:
+            slot.proc.wait(timeout=30)
+        if slot.conn is not None:
+            slot.conn.close()
+        slot.proc, slot.conn, slot.state, slot.shard = None, None, "dead", None
+
+    def _restart(self, slot: _Slot) -> None:
+        self._kill(slot)
+        self.num_restarts += 1
+        self._spawn(slot)
+
+    def _log_tail(self, slot: _Slot, n: int = 3000) -> str:
+        try:
+            return Path(slot.log_path).read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _recv(slot: _Slot) -> tuple | None:
+        try:
+            return slot.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _on_start_message(self, slot: _Slot, msg: tuple | None, strict: bool) -> None:
+        if msg is not None and msg[0] == "ready":
+            slot.state, slot.info, slot.start_failures = "idle", msg[1], 0
+            return
+        detail = msg[2] if msg is not None and msg[0] == "fatal" else self._log_tail(slot)
+        slot.start_failures += 1
+        if strict or slot.start_failures >= self.max_attempts:
+            raise RolloutError(f"rollout worker {slot.index} failed to start (log {slot.log_path}):\n{detail}")
+        self._restart(slot)
+
+    def _wait_started(self, strict: bool) -> None:
+        """Wait until no worker is starting (strict: any start failure raises with the worker's log)."""
+        while True:
+            starting = [s for s in self._slots if s.state == "starting"]
+            if not starting:
+                return
+            timeout = max(0.0, min(s.deadline for s in starting) - time.monotonic())
+            ready = wait([s.conn for s in starting], timeout=timeout)
+            for s in starting:
+                if s.conn in ready:
+                    self._on_start_message(s, self._recv(s), strict)
+                elif time.monotonic() > s.deadline:
+                    if strict:
+                        self._kill(s)
+                        raise RolloutError(f"rollout worker {s.index} did not start within "
+                                           f"{self.start_timeout_s:.0f} s (log {s.log_path}):\n{self._log_tail(s)}")
+                    self._restart(s)
+
+    # ----- generation ------------------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: list[list[int]], n: int,
+                 sampling: SamplingOptions) -> list[list[RolloutSample]]:
+        """n samples per prompt, in prompt order (see the module docstring for failures and determinism)."""
+        self._check_open()
+        P = len(prompt_token_ids)
+        if P == 0:
+            return []
+        seeds = sampling.request_seeds(P)
+        k = min(len(self._slots), P)
+        bounds = [(i * P // k, (i + 1) * P // k) for i in range(k)]
+        queue, attempts = deque(range(k)), [0] * k
+        results: list[list[RolloutSample] | None] = [None] * P
+        try:
+            while queue or any(s.state == "busy" for s in self._slots):
+                self._maybe_resync()
+                for slot in self._slots:
+                    if queue and slot.state == "idle" and not slot.stale:
+                        self._dispatch(slot, queue.popleft(), bounds, prompt_token_ids, n, sampling, seeds)
+                self._collect(results, bounds, queue, attempts)
+        except BaseException:
+            self._drain()  # no reply of this call may leak into the next one
+            raise
+        return results  # type: ignore[return-value]
+
+    def _drain(self) -> None:
+        """Wait out (and discard) requests still in flight; restart workers that do not answer in time."""
+        for slot in self._slots:
+            if slot.state != "busy":
+                continue
+            if slot.conn.poll(self.cfg.request_timeout_s) and self._recv(slot) is not None:
+                slot.state, slot.shard = "idle", None
+            else:
+                self._restart(slot)
+
+    def _dispatch(self, slot, shard, bounds, prompts, n, sampling, seeds) -> None:
+        a, b = bounds[shard]
+        slot.state, slot.shard = "busy", shard
+        slot.deadline = time.monotonic() + self.cfg.request_timeout_s
+        try:
+            slot.conn.send(("generate", shard, [list(p) for p in prompts[a:b]], n, sampling, seeds[a:b]))
+        except OSError:
+            pass  # dead worker: noticed as EOF by _collect, which resubmits the shard
+
+    def _requeue(self, slot: _Slot, queue: deque, attempts: list[int], why: str) -> None:
+        shard = slot.shard
+        attempts[shard] += 1
+        if attempts[shard] >= self.max_attempts:
+            raise RolloutError(f"rollout shard {shard} failed {attempts[shard]} times (last: worker {slot.index} "
+                               f"{why}; log {slot.log_path}):\n{self._log_tail(slot)}")
+        queue.appendleft(shard)
+        self._restart(slot)
+
+    def _collect(self, results, bounds, queue: deque, attempts: list[int]) -> None:
+        waiting = [s for s in self._slots if s.state in ("busy", "starting")]
+        if not waiting:
+            return
+        timeout = max(0.0, min(s.deadline for s in waiting) - time.monotonic())
+        ready = wait([s.conn for s in waiting], timeout=timeout)
+        now = time.monotonic()
+        for slot in waiting:
+            if slot.conn in ready:
+                msg = self._recv(slot)
+                if slot.state == "starting":
+                    self._on_start_message(slot, msg, strict=False)
+                elif msg is None:
+                    self._requeue(slot, queue, attempts, "died")
+                elif msg[0] == "ok":
+                    a, b = bounds[msg[1]]
+                    results[a:b] = msg[2]
+                    slot.state, slot.shard = "idle", None
+                else:  # the engine raised: a deterministic error that a retry would repeat
+                    slot.state, slot.shard = "idle", None
+                    raise RolloutError(f"rollout worker {slot.index} failed:\n{msg[2]}")
+            elif now > slot.deadline:
+                if slot.state == "starting":
+                    self._restart(slot)
+                else:
+                    self.num_timeouts += 1
+                    self._requeue(slot, queue, attempts, f"exceeded request_timeout_s={self.cfg.request_timeout_s}")
+
+    # ----- control requests and weight sync --------------------------------------------------------------------
+    def _control(self, cmd: str, *args: Any, slots: list[_Slot] | None = None,
+                 before_wait=None) -> list[Any]:
+        """Send one command to the given (default: all) idle workers and gather the replies in worker order."""
+        self._wait_started(strict=False)
+        slots = self._slots if slots is None else slots
+        for s in slots:
+            s.conn.send((cmd, 0, *args))
+        if before_wait is not None:
+            before_wait()
+        out = []
+        for s in slots:
+            if not s.conn.poll(self.cfg.request_timeout_s):
+                self._kill(s)
+                raise RolloutError(f"rollout worker {s.index}: {cmd} timed out (log {s.log_path})")
+            msg = self._recv(s)
+            if msg is None or msg[0] != "ok":
+                detail = msg[2] if msg is not None else self._log_tail(s)
+                self._restart(s)
+                raise RolloutError(f"rollout worker {s.index}: {cmd} failed:\n{detail}")
+            out.append(msg[2])
+        return out
+
+    def update_weights(self, source: str | dict[str, Tensor]) -> float:
+        """Make every engine load new weights; returns the wall seconds of the sync.
+
+        A folder of Hugging Face safetensors (`dir` sync); restarted workers load it too. A dict of named
+        tensors goes through the broadcast group (`broadcast_weights`).
+        """
+        if not isinstance(source, str):
+            return self.broadcast_weights(source)
+        self._check_open()
+        t0 = time.perf_counter()
+        self._weights_path = os.path.abspath(source)
+        self._last_broadcast = None
+        self._control("update_weights", self._weights_path)
+        for s in self._slots:
+            s.stale = False
+        self.weights_version += 1
+        self.last_sync_s = time.perf_counter() - t0
+        return self.last_sync_s
+
+    def broadcast_weights(self, named_tensors: dict[str, Tensor], *, keep_copy: bool = True) -> float:
+        """Broadcast HF-named tensors from this process (rank 0) to every engine; returns seconds.
+
+        With `keep_copy` a CPU copy is kept so that a worker restarted later is re-synced before it gets work
+        (memory: one copy of the weights on this process).
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        self._wait_started(strict=False)
+        self._broadcast(named_tensors)
+        self._last_broadcast = {k: v.detach().to("cpu", copy=True) for k, v in named_tensors.items()} \
+            if keep_copy else None
+        self._weights_path = None
+        self.weights_version += 1
+        self.last_sync_s = time.perf_counter() - t0
+        return self.last_sync_s
+
+    def _broadcast(self, named_tensors: dict[str, Tensor]) -> None:
+        from megahybrid.rollout.vllm_ext import broadcast_tensor
+
+        self._ensure_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        specs = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in named_tensors.items()]
+
+        def send_all():
+            for k, v in named_tensors.items():
+                broadcast_tensor(self._group, v.detach().to(device).contiguous())
+
+        self._control("receive_weights", specs, before_wait=send_all)
+        for s in self._slots:
+            s.stale = False
+
+    def _ensure_group(self) -> None:
+        """(Re)build the broadcast group when it does not exist or a worker was restarted since."""
+        from megahybrid.rollout.vllm_ext import make_sync_group
+
+        members = tuple(s.proc.pid for s in self._slots)
+        if self._group is not None and self._group_members == members:
+            return
+        tp = max(1, self.cfg.gpus_per_worker)
+        world = 1 + tp * len(self._slots)
+        with socket.socket() as sock:  # a free port for the group's store
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        backend = "nccl" if self.cuda else "gloo"
+        groups = {}
+
+        def join():
+            groups["g"] = make_sync_group("127.0.0.1", port, 0, world, backend,
+                                          timeout_s=self.cfg.request_timeout_s)
+
+        for s in self._slots:
+            s.conn.send(("init_sync", 0, "127.0.0.1", port, 1 + tp * s.index, world, backend))
+        join()  # blocks until every engine rank has joined
+        for s in self._slots:
+            msg = self._recv(s) if s.conn.poll(self.cfg.request_timeout_s) else None
+            if msg is None or msg[0] != "ok":
+                raise RolloutError(f"rollout worker {s.index}: joining the weight-sync group failed:\n"
+                                   f"{msg[2] if msg else self._log_tail(s)}")
+        self._group, self._group_members = groups["g"], members
+
+    def _maybe_resync(self) -> None:
+        """Broadcast mode: re-send the last weights once no worker is busy and some restarted worker is stale."""
+        if any(s.stale for s in self._slots) and not any(s.state == "busy" for s in self._slots):
+            if self._last_broadcast is None:
+                raise RolloutError("a rollout worker restarted after broadcast_weights(keep_copy=False): "
+                                   "its weights are stale; call broadcast_weights again")
+            self._wait_started(strict=False)
+            self._broadcast(self._last_broadcast)
+
+    # ----- misc -----------------------------------------------------------------------------------------------
+    def pids(self) -> list[int | None]:
+        """Worker process ids (tests use them to inject faults)."""
+        return [s.proc.pid if s.proc is not None else None for s in self._slots]
+
+    def busy_workers(self) -> list[int]:
+        """Indices of workers with a generate request in flight."""
+        return [s.index for s in self._slots if s.state == "busy"]
+
+    def health(self) -> dict:
+        return {"num_workers": len(self._slots), "states": [s.state for s in self._slots],
+                "alive": [s.proc is not None and s.proc.poll() is None for s in self._slots],
+                "num_restarts": self.num_restarts, "num_timeouts": self.num_timeouts,
+                "weights_version": self.weights_version, "log_dir": self.log_dir}
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/restarts": float(self.num_restarts), "rollout/timeouts": float(self.num_timeouts),
+                "rollout/weight_sync_s": self.last_sync_s}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RolloutError("RolloutPool is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in self._slots:
+            if s.conn is not None:
+                try:
+                    s.conn.send(("close",))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5  # grace period, then SIGKILL
+        for s in self._slots:
+            if s.proc is not None:
+                try:
+                    s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill(s)
+        self._group = None
+
+    def __enter__(self) -> "RolloutPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
