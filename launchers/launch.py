@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.config = str(Path(args.config).resolve())  # the nodes start in the repository, not in this directory
     try:
         cfg = load_config(args.config, args.overrides)
         print(describe_plan(cfg), flush=True)

@@ -169,7 +169,8 @@ def launch(config: str, overrides: list[str], cfg: RunConfig, cluster: ClusterPr
             exp.dryrun()
             return 0
         exp.run(detach=opts.executor == "slurm", tail_logs=False)
-        exp_id, handle = exp._id, exp.jobs[0].handle
+        exp_id, handle, job_dir = exp._id, exp.jobs[0].handle, exp.jobs[0].executor.job_dir
+    print(f"megahybrid: NeMo-Run logs of this run: {job_dir}", flush=True)
     if opts.executor == "local":
         state = local_state(exp_id)
     else:
