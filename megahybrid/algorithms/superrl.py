@@ -9,7 +9,7 @@ may be spread over several micro-batches.
 
 `gate: uncertainty` (SuperRL Eq. 2): `L = exp(-2 s_pg) L_pg + exp(-2 s_sft) L_sft + s_pg + s_sft` with both
 losses over the whole batch and learnable scalars `s_pg`, `s_sft` (init 0; `parameters()`, `state_dict()`). The
-constant `s_pg + s_sft` is spread over micro-batches in proportion to their sequence counts, so the shares still
+constant `s_pg + s_sft` is spread over micro-batches in proportion to their counts of sequences with tokens, so the shares still
 sum to L. Convention: a branch with no tokens in the global batch (e.g. no demos this step) also drops its `s`
 term, so its log-sigma gets no gradient instead of drifting to -inf. The caller must all-reduce (SUM) the log-sigma gradients over data-parallel ranks, like any gradient.
 
@@ -35,7 +35,8 @@ from megahybrid.algorithms.base import Algorithm, Batch, StepPlan
 from megahybrid.algorithms.common import ADV, aggregate_pg, base_stats, batch_metrics, common_problems, \
     entropy_metrics, pg_token_loss, pg_token_parts, sft_token_loss, token_groups
 from megahybrid.algorithms.grpo import ROLLOUT_GROUPS, with_fields
-from megahybrid.algorithms.losses import STAT_DTYPE, aggregate, group_counts, masked, token_mean_share
+from megahybrid.algorithms.losses import STAT_DTYPE, aggregate, group_counts, masked, seq_has_tokens, \
+    token_mean_share
 from megahybrid.algorithms.registry import register_algorithm
 from megahybrid.config.schema import AlgorithmConfig
 
@@ -110,6 +111,7 @@ class SuperRL(Algorithm):
         demo_g = per_group_sum((batch.is_demo & has_tok).to(STAT_DTYPE), batch.prompt_index) > 0
         if self.cfg.gate == "uncertainty":
             stats["superrl/num_sft"] = demo_g.sum().to(STAT_DTYPE)
+            stats.update(group_counts("response", batch.response_mask))
             return batch, stats
         signal = batch.rewards > 0 if self.cfg.gate == "reward" else adv > 0
         c = group_any(rollout & signal, batch.prompt_index)
@@ -176,10 +178,12 @@ class SuperRL(Algorithm):
         pg, metrics = aggregate_pg(cfg, parts, groups["rollout"], stats, "rollout", cfg.kl_coef)
         sft = aggregate(sft_token_loss(mb, logp, groups["demo"]), groups["demo"], cfg.loss_agg, stats, "demo")
         s_pg, s_sft = (self.log_sigmas[k].to(device=logp.device, dtype=logp.dtype) for k in LOG_SIGMAS)
-        # The regulariser s_pg + s_sft appears once in L: each micro-batch carries its share of the sequences.
+        # The regulariser s_pg + s_sft appears once in L: each micro-batch carries its share of the sequences
+        # that have response tokens (so the trainer's padding rows, which have none, carry nothing).
         # A branch without any token in the global batch drops its s term too, else its s would drift to -inf
         # (and a batch without tokens must have loss 0 and zero gradient, SPEC 9).
-        share = mb.num_sequences / stats["num_sequences"].to(logp.dtype).clamp(min=1)
+        share = seq_has_tokens(mb.response_mask).sum().to(logp.dtype) / \
+            stats["num_seqs/response"].to(logp.dtype).clamp(min=1)
         reg = s_pg * float(stats["num_tokens/rollout"] > 0) + s_sft * float(stats["num_tokens/demo"] > 0)
         loss = torch.exp(-2 * s_pg) * pg + torch.exp(-2 * s_sft) * sft + reg * share
         metrics["loss/sft"] = sft.detach()

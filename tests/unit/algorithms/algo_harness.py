@@ -80,8 +80,33 @@ def rank_indices(batch: Batch, ranks: int) -> list[torch.Tensor]:
             for c in chunks]
 
 
-def run_split(algo, batch: Batch, logp, entropy, plan: StepPlan | None = None, ranks: int = 1, micro: int = 1):
-    """Total loss, summed metric shares, final metrics and the all-reduced statistics."""
+def with_padding(mb: Batch, logp, entropy, num: int):
+    """Append `num` rows like the trainer's micro-batch padding: no response tokens, prompt_index -1, zero
+    constants and fields, arbitrary finite policy outputs. They must contribute nothing."""
+    if num == 0:
+        return mb, logp, entropy
+    T = mb.tokens.shape[1]
+
+    def zeros(t):
+        return None if t is None else torch.zeros((num, *t.shape[1:]), dtype=t.dtype)
+
+    pad = Batch(tokens=torch.zeros(num, T, dtype=torch.long), response_mask=torch.zeros(num, T, dtype=torch.bool),
+                prompt_index=torch.full((num,), -1), is_demo=torch.zeros(num, dtype=torch.bool),
+                rewards=torch.zeros(num, dtype=mb.rewards.dtype), old_logp=zeros(mb.old_logp),
+                old_entropy=zeros(mb.old_entropy), ref_logp=zeros(mb.ref_logp), engine_logp=zeros(mb.engine_logp),
+                fields={k: zeros(v) for k, v in mb.fields.items()})
+    cat = {f: None if getattr(mb, f) is None else torch.cat([getattr(mb, f), getattr(pad, f)])
+           for f in ("tokens", "response_mask", "prompt_index", "is_demo", "rewards", "old_logp", "old_entropy",
+                     "ref_logp", "engine_logp")}
+    padded = Batch(**cat, fields={k: torch.cat([v, pad.fields[k]]) for k, v in mb.fields.items()})
+    garbage = torch.full((num, T), -1.5, dtype=logp.dtype)
+    return padded, torch.cat([logp, garbage]), torch.cat([entropy, garbage.abs()])
+
+
+def run_split(algo, batch: Batch, logp, entropy, plan: StepPlan | None = None, ranks: int = 1, micro: int = 1,
+              pad: int = 0):
+    """Total loss, summed metric shares, final metrics and the all-reduced statistics. `pad` padding rows are
+    appended to every micro-batch (as the trainer does to give every micro-batch the same shape)."""
     plan = plan or algo.plan(0)
     prepared, local = [], []
     for idx in rank_indices(batch, ranks):
@@ -92,7 +117,8 @@ def run_split(algo, batch: Batch, logp, entropy, plan: StepPlan | None = None, r
     total, shares = 0.0, {}
     for idx, b in prepared:
         for mb_idx in torch.tensor_split(torch.arange(b.num_sequences), micro):
-            loss, metrics = algo.loss(b.select(mb_idx), logp[idx][mb_idx], entropy[idx][mb_idx], stats, plan)
+            mb, mb_logp, mb_entropy = with_padding(b.select(mb_idx), logp[idx][mb_idx], entropy[idx][mb_idx], pad)
+            loss, metrics = algo.loss(mb, mb_logp, mb_entropy, stats, plan)
             total = total + loss
             for key, value in metrics.items():
                 shares[key] = shares.get(key, 0.0) + float(value)

@@ -11,7 +11,7 @@ from algo_harness import grads, make_algo, make_batch, run_split
 from megahybrid.algorithms.base import StepPlan
 
 AGGS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
-SPLITS = [(1, 4), (2, 2), (4, 1)]  # (micro-batches, ranks)
+SPLITS = [(1, 4, 0), (2, 2, 1), (4, 1, 2)]  # (micro-batches, ranks, padding rows per micro-batch)
 SFT_PLAN = StepPlan(step=0, rollouts=False, demos=True, kind="sft")
 RL_PLAN = StepPlan(step=20, rollouts=True, demos=False, kind="rl")
 
@@ -67,8 +67,8 @@ def check_against_reference(name, overrides, plan, batch, logp, entropy, splits=
     inputs = [logp, entropy, *algo.parameters()]
     expected = reference(name, algo, batch, logp, entropy, plan)
     expected_grads = grads(expected, inputs)
-    for micro, ranks in splits:
-        loss, shares, final, _ = run_split(algo, batch, logp, entropy, plan, ranks=ranks, micro=micro)
+    for micro, ranks, pad in splits:
+        loss, shares, final, _ = run_split(algo, batch, logp, entropy, plan, ranks=ranks, micro=micro, pad=pad)
         assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=atol), (micro, ranks)
         for got, want in zip(grads(loss, inputs), expected_grads):
             torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"split {micro}x{ranks}: {m}")
@@ -118,8 +118,8 @@ def test_empty_masks_give_zero_loss_and_finite_zero_gradient(name, overrides, pl
     batch.response_mask[:] = False
     algo = make_algo(name, **overrides)
     plan = plan or algo.plan(0)
-    for micro, ranks in SPLITS:
-        loss, shares, final, _ = run_split(algo, batch, logp, entropy, plan, ranks=ranks, micro=micro)
+    for micro, ranks, pad in SPLITS:
+        loss, shares, final, _ = run_split(algo, batch, logp, entropy, plan, ranks=ranks, micro=micro, pad=pad)
         assert float(loss.detach()) == 0.0
         for g in grads(loss, [logp, entropy, *algo.parameters()]):
             assert torch.equal(g, torch.zeros_like(g))
