@@ -12,9 +12,6 @@ from dataclasses import dataclass
 from megahybrid.algorithms.grpo import GRPO
 from megahybrid.algorithms.registry import register_algorithm
 
-DEFAULT_STEP_PATTERN = r"(?im)^[ \t]*(?:\*\*[ \t]*)?(?:step[ \t]*\d+[ \t]*[:.)]|\d+[.)])"
-"""A line that opens a numbered step: `1.`, `2)`, `Step 1:`, `**Step 1**` ... (case-insensitive, multi-line)."""
-
 
 @register_algorithm("srl")
 class SRL(GRPO):
@@ -30,9 +27,10 @@ class SRL(GRPO):
         """Dynamic sampling on: drop groups whose reward std is below `min_std`."""
         min_std: float = 1e-4
         """Dynamic sampling threshold on the group's unbiased reward std."""
-        step_pattern: str = DEFAULT_STEP_PATTERN
-        """Regex (Python `re`) matching the start of each numbered step of an expert solution; fallback when it
-        finds fewer than 2 steps: blank-line paragraphs."""
+        step_pattern: str | None = None
+        """Regex (Python `re`, applied case-insensitive and multi-line) matching the start of each step of an expert
+        solution; None = the splitter's built-in numbered-line pattern (`1.`, `Step 1:`, `**Step 1**`, see
+        megahybrid/data/srl.py). Fewer than 2 matches: blank-line paragraphs."""
         first_step: bool = False
         """Also build the instance k = 1 (empty previous steps); by default instances are k = 2..N."""
         require_think: bool = True
@@ -42,7 +40,8 @@ class SRL(GRPO):
         def validate(self) -> list[str]:
             problems = super().validate()
             try:
-                re.compile(self.step_pattern)
+                if self.step_pattern is not None:
+                    re.compile(self.step_pattern)
             except re.error as exc:
                 problems.append(f"step_pattern: not a valid regular expression ({exc})")
             return problems
