@@ -1,5 +1,10 @@
 """Pure-torch blocked backend (the CPU default): loops over [token, vocabulary] blocks with preallocated
-buffers; backward recomputes each block's logits. The math lives in function.py and vocab_parallel.py."""
+buffers; backward recomputes each block's logits. The math lives in function.py and vocab_parallel.py.
+
+Cost: 4 GEMMs of N x V x D (forward logits; backward: recomputed logits, grad_hidden, grad_weight) against the
+naive path's 3, paid for by never touching an [N, V] array: every elementwise pass runs on a cache-sized block,
+and 1/T and the -lse shift ride along inside the GEMMs (alpha / beta of addmm).
+"""
 from __future__ import annotations
 
 import torch
@@ -9,23 +14,11 @@ from megahybrid.kernels.function import Coefficients, apply
 from megahybrid.kernels.inputs import KernelArgs
 from megahybrid.kernels.vocab_parallel import merge_partials
 
-# Tokens and vocabulary rows per block. 256 x 2048 fp32 = 2 MiB per block buffer (two buffers): large enough for
-# efficient GEMMs at D ~ 1k, small enough to stay in cache for the elementwise passes (benchmarks/logprob_entropy.py).
-DEFAULT_TOKEN_CHUNK = 256
+# Tokens and vocabulary rows per block: 512 x 2048 fp32 = 4 MiB per block buffer (two buffers). Block GEMMs at
+# D ~ 1k run as fast as one big GEMM (measured: benchmarks/logprob_entropy.py), so blocks only need to be large
+# enough to amortise the per-block Python overhead.
+DEFAULT_TOKEN_CHUNK = 512
 DEFAULT_VOCAB_CHUNK = 2048
-
-
-class TorchGemms:
-    """The three LM-head GEMMs of a block; `fp8.py` swaps in Transformer Engine FP8 GEMMs."""
-
-    def logits(self, h: Tensor, w: Tensor, out: Tensor) -> Tensor:  # [n, D] x [v, D] -> [n, v]
-        return torch.mm(h, w.T, out=out)
-
-    def grad_hidden(self, dz: Tensor, w: Tensor, acc: Tensor) -> None:  # acc[n, D] += dz[n, v] @ w[v, D]
-        acc.addmm_(dz, w)
-
-    def grad_weight(self, dz: Tensor, h: Tensor, acc: Tensor) -> None:  # acc[v, D] += dz.T[v, n] @ h[n, D]
-        acc.addmm_(dz.T, h)
 
 
 def _block(buf: Tensor, n: int, v: int) -> Tensor:
@@ -34,9 +27,6 @@ def _block(buf: Tensor, n: int, v: int) -> Tensor:
 
 
 class ChunkedBackend:
-    def __init__(self, gemms=None):
-        self.gemms = gemms or TorchGemms()
-
     @staticmethod
     def _blocks(args: KernelArgs, num_tokens: int):
         tok = args.chunk_size or DEFAULT_TOKEN_CHUNK
@@ -57,7 +47,7 @@ class ChunkedBackend:
             part = (m[sl], s[sl], t[sl])
             for v0 in range(0, args.num_valid, voc_chunk):
                 w = weight[v0:min(v0 + voc_chunk, args.num_valid)].to(dtype)
-                z = self.gemms.logits(h, w, _block(zbuf, h.shape[0], w.shape[0])).mul_(inv_t)
+                z = _block(zbuf, h.shape[0], w.shape[0]).addmm_(h, w.T, beta=0.0, alpha=inv_t)  # logits / T
                 cm = z.amax(1)
                 z.sub_(cm[:, None])  # z - max <= 0
                 e = torch.exp(z, out=_block(ebuf, h.shape[0], w.shape[0]))
@@ -67,24 +57,32 @@ class ChunkedBackend:
         return m, s, t
 
     def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w):
-        """Recompute each block's logits; accumulate (grad_hidden [N, D], grad_weight [V_local, D])."""
+        """Recompute each block's logits; accumulate (grad_hidden [N, D], grad_weight [V_local, D]).
+        The first block of each output row range is written with beta=0, so nothing is zero-filled twice."""
         dtype = coef.lse.dtype
         num_tokens = hidden.shape[0]
         tok_chunk, voc_chunk, size = self._blocks(args, num_tokens)
         inv_t = 1.0 / args.temperature
-        grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        if need_h and args.num_valid == 0:
+            grad_h.zero_()
+        if need_w:
+            grad_w[args.num_valid:].zero_()  # padding rows
+            if num_tokens == 0:
+                grad_w.zero_()
         zbuf, pbuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
+        neg_lse = -coef.lse
         for n0 in range(0, num_tokens, tok_chunk):
             sl = slice(n0, n0 + tok_chunk)
             h = hidden[sl].to(dtype)
             for v0 in range(0, args.num_valid, voc_chunk):
                 w = weight[v0:min(v0 + voc_chunk, args.num_valid)].to(dtype)
-                z = self.gemms.logits(h, w, _block(zbuf, h.shape[0], w.shape[0]))
-                z.mul_(inv_t).sub_(coef.lse[sl, None])  # log p
+                z = _block(zbuf, h.shape[0], w.shape[0])
+                z.copy_(neg_lse[sl, None].expand_as(z)).addmm_(h, w.T, alpha=inv_t)  # log p = z / T - lse
                 dz = torch.exp(z, out=_block(pbuf, h.shape[0], w.shape[0]))  # p
                 if coef.slope is not None:  # dz = p * (offset + slope * log p)
-                    dz.mul_(z.mul_(coef.slope[sl, None]).add_(coef.offset[sl, None]))
+                    dz.mul_(torch.addcmul(coef.offset[sl, None], z, coef.slope[sl, None], out=z))
                 else:
                     dz.mul_(coef.offset[sl, None])
                 if coef.onehot is not None:
@@ -92,9 +90,9 @@ class ChunkedBackend:
                     rows = ((col >= 0) & (col < w.shape[0])).nonzero()[:, 0]
                     dz.index_put_((rows, col[rows]), coef.onehot[sl][rows], accumulate=True)
                 if need_h:
-                    self.gemms.grad_hidden(dz, w, grad_h[sl])
+                    grad_h[sl].addmm_(dz, w, beta=0.0 if v0 == 0 else 1.0)
                 if need_w:
-                    self.gemms.grad_weight(dz, h, grad_w[v0:v0 + w.shape[0]])
+                    grad_w[v0:v0 + w.shape[0]].addmm_(dz.T, h, beta=0.0 if n0 == 0 else 1.0)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype))
 
