@@ -15,12 +15,12 @@
 #   MEGAHYBRID_PROBE_ARGS extra probe arguments, e.g. "--wait-signal 120"
 #   MEGAHYBRID_REQUEUE=0 do not requeue the job after a pre-emption signal [1]
 #
-# Signals. torchrun starts with SIGUSR1 and SIGTERM ignored and without a SIGTERM handler
-# (TORCHELASTIC_SIGNALS_TO_HANDLE), so its agent neither dies of the pre-emption signal nor kills the ranks;
-# the ranks install their own handlers (checkpoint at the next step boundary, exit 0). Inside a Slurm step,
-# Slurm delivers a step signal to every process of the step, the ranks included; outside one (NeMo-Run local, a
-# shell) this script forwards SIGUSR1/SIGTERM to the ranks itself. After a SIGUSR1, once torchrun has exited 0,
-# the first launcher (SLURM_PROCID 0) requeues the job (`#SBATCH --requeue`; train.resume=auto continues).
+# Signals. torchrun's agent ignores SIGUSR1 and survives SIGTERM without killing the ranks
+# (megahybrid/launch/torchrun.py); the trainer ranks install their own handlers (checkpoint at the next step
+# boundary, exit 0). Inside a Slurm step, Slurm delivers a step signal to every process of the step, the ranks
+# included; outside one (NeMo-Run local, a shell) this script forwards SIGUSR1/SIGTERM to the ranks itself.
+# After a SIGUSR1, once torchrun has exited 0, the first launcher (SLURM_PROCID 0) requeues the job
+# (`#SBATCH --requeue`; train.resume=auto continues from the checkpoint).
 set -uo pipefail
 
 if (($# < 1)); then
@@ -64,13 +64,10 @@ fi
 echo "launch_node: $(hostname) procid=${SLURM_PROCID:-0} nnodes=$nnodes nproc_per_node=$nproc" \
     "rdzv=$master_addr:$master_port id=$rdzv_id: ${entry[*]}"
 
-(
-    trap '' USR1 TERM
-    export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
-    exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
-        --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="$rdzv_id" \
-        --max-restarts=0 "${entry[@]}"
-) &
+# torchrun (megahybrid/launch/torchrun.py sets its signal dispositions first, see the header)
+"$python" -m megahybrid.launch.torchrun --nnodes="$nnodes" --nproc-per-node="$nproc" \
+    --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="$rdzv_id" \
+    --max-restarts=0 "${entry[@]}" &
 torchrun_pid=$!
 
 preempted=0

@@ -31,6 +31,11 @@ def _write(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
+def _disposition(signum: int) -> str:
+    handler = signal.getsignal(signum)
+    return {signal.SIG_IGN: "ignore", signal.SIG_DFL: "default"}.get(handler, "handler")
+
+
 def _wait_for_usr1(seconds: float, ready: Path) -> int:
     received: list[int] = []
     signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
@@ -45,9 +50,8 @@ def run(out: Path, fail_rank: int | None, wait_signal: float | None) -> int:
     import torch
     import torch.distributed as dist
 
-    # slurm/launch_node.sh starts torchrun with SIGTERM ignored (so its agent survives it); the probe has no
-    # checkpoint to write, so it dies of SIGTERM like any plain program.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # the dispositions the ranks inherit from megahybrid/launch/torchrun.py (recorded: part of the contract)
+    dispositions = {name: _disposition(getattr(signal, name)) for name in ("SIGUSR1", "SIGTERM")}
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -66,7 +70,8 @@ def run(out: Path, fail_rank: int | None, wait_signal: float | None) -> int:
               "host": socket.gethostname(), "backend": backend, "all_reduce": value.item(),
               "master_addr": os.environ.get("MASTER_ADDR"), "master_port": os.environ.get("MASTER_PORT"),
               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_procid": os.environ.get("SLURM_PROCID")}
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_procid": os.environ.get("SLURM_PROCID"),
+              "initial_dispositions": dispositions}
     out.mkdir(parents=True, exist_ok=True)
     if value.item() != expected:
         print(f"probe: all-reduce gave {value.item()} on rank {rank}, expected {expected}", file=sys.stderr)

@@ -88,6 +88,8 @@ def test_dry_run_of_the_real_srft_7b_script_prints_config_and_layout_and_probes_
         assert (rec["rank"], rec["world_size"], rec["all_reduce"]) == (rank, 2, 1.0)
         assert rec["slurm_job_id"] == job and rec["host"] == slurm.node
         assert rec["cuda_visible_devices"] == "0,1,2,3,4,5,6,7"  # the 8 (fake) GPUs of the #SBATCH line
+        # ranks (and their children) ignore SIGUSR1 until the trainer installs its handler; SIGTERM stays default
+        assert rec["initial_dispositions"] == {"SIGUSR1": "ignore", "SIGTERM": "default"}
     assert f"rdzv={slurm.node}:" in node_logs(tmp_path, "srft_7b", job)
 
 
@@ -114,7 +116,8 @@ def test_one_failing_rank_ends_the_whole_job_failed_and_fast(slurm, tmp_path):
     info = slurm.wait(job, 200)
     out = output(tmp_path, "srft_7b", job)
     assert info.state == "FAILED" and info.exit_code != "0:0", out
-    assert "job step failed" in out and "injected failure" in out, out
+    assert "job step failed" in out, out
+    assert "injected failure" in node_logs(tmp_path, "srft_7b", job)
     start, end = (datetime.fromisoformat(info.fields[k]) for k in ("StartTime", "EndTime"))
     assert (end - start).total_seconds() < 150, info.fields
     assert json.loads((tmp_path / "run/preflight/rank0.json").read_text())["world_size"] == 2
