@@ -12,10 +12,8 @@ process (the trainer's rank 0) and whose other ranks are the engines (gloo on CP
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque
@@ -28,10 +26,9 @@ import torch
 from torch import Tensor
 
 from megahybrid.config.schema import RolloutConfig
+from megahybrid.rewards.subproc import kill_worker, spawn_worker
 from megahybrid.rollout.types import RolloutError, RolloutSample, SamplingOptions
 from megahybrid.rollout.vllm_engine import cpu_env
-
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass
@@ -87,7 +84,6 @@ class RolloutPool:
     # ----- processes -------------------------------------------------------------------------------------------
     def _env(self, slot: _Slot) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
         if self.cuda:
             g = self.cfg.gpus_per_worker
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self._gpu_ids[slot.index * g:(slot.index + 1) * g])
@@ -96,29 +92,14 @@ class RolloutPool:
         return env
 
     def _spawn(self, slot: _Slot) -> None:
-        ours, theirs = socket.socketpair()
-        with open(slot.log_path, "ab") as log:
-            slot.proc = subprocess.Popen(
-                [sys.executable, "-m", "megahybrid.rollout.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=self._env(slot), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)  # own process group: killed as a whole
-        theirs.close()
-        slot.conn = Connection(ours.detach())
+        slot.proc, slot.conn = spawn_worker("megahybrid.rollout.worker", env=self._env(slot), log_path=slot.log_path)
         slot.conn.send(("init", self._engine_kwargs, self._weights_path))
         slot.state, slot.shard, slot.deadline = "starting", None, time.monotonic() + self.start_timeout_s
         # weights that arrived by broadcast are not on disk: a restarted worker needs a re-send
         slot.stale = self._weights_path is None and self.weights_version > 0
 
     def _kill(self, slot: _Slot) -> None:
-        if slot.proc is not None and slot.proc.poll() is None:
-            try:
-                os.killpg(slot.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if slot.proc is not None:
-            slot.proc.wait(timeout=30)
-        if slot.conn is not None:
-            slot.conn.close()
+        kill_worker(slot.proc, slot.conn)
         slot.proc, slot.conn, slot.state, slot.shard = None, None, "dead", None
 
     def _restart(self, slot: _Slot) -> None:

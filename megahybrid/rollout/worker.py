@@ -14,6 +14,8 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
+from megahybrid.rewards.subproc import worker_connection
+
 
 def _handle(engine, cmd: str, args: tuple):
     if cmd == "generate":
@@ -63,7 +65,7 @@ def serve(conn: Connection) -> None:
 
 
 def main(argv: list[str]) -> None:
-    conn = Connection(int(argv[0]))
+    conn = worker_connection(argv)
     try:
         serve(conn)
     except Exception:

@@ -1,0 +1,53 @@
+"""Worker processes started as `python -m <module> <fd>` with a socket connection to the parent.
+
+A fresh interpreter (not multiprocessing's spawn/fork): the environment is set before anything loads, the
+parent's `__main__` (a trainer script) is never re-imported, and no forked copy of the trainer's threads or
+CUDA state exists. Each worker gets its own session, so a SIGKILL of its process group takes its children too.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def spawn_worker(module: str, *, env: dict[str, str] | None = None,
+                 log_path: str | None = None) -> tuple[subprocess.Popen, Connection]:
+    """Start `python -m module <fd>`; returns the process and the parent's end of the connection."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        theirs.close()
+        if log_path:
+            log.close()
+    return proc, Connection(ours.detach())
+
+
+def kill_worker(proc: subprocess.Popen | None, conn: Connection | None) -> None:
+    """SIGKILL the worker's process group, reap it, close the connection."""
+    if proc is not None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+    if conn is not None:
+        conn.close()
+
+
+def worker_connection(argv: list[str]) -> Connection:
+    """The worker's end, from its command line."""
+    return Connection(int(argv[0]))
