@@ -183,8 +183,10 @@ class Trainer:
                 max_new_tokens=tr.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
                 seed=tr.seed * 7919 + step)
             self.logger.log_eval(step, metrics)
+        metrics = self._broadcast(metrics) or {}
+        if metrics:  # on every rank: the history is part of the (rank-identical) checkpoint state
             self.history.setdefault("eval/accuracy", []).append((step, metrics.get("eval/accuracy", float("nan"))))
-        return self._broadcast(metrics) or {}
+        return metrics
 
     # ------------------------------------------------------------------------------------------- weights / state
     def _export_weights(self) -> float:
