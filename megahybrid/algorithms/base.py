@@ -118,6 +118,12 @@ class Algorithm(abc.ABC):
         self.seed = seed
         self.total_steps = total_steps
 
+    @classmethod
+    def transform_examples(cls, examples: list, cfg: AlgorithmConfig) -> list:
+        """Turn dataset records into this method's training instances (default: unchanged). Held-out
+        evaluation always uses the original records."""
+        return examples
+
     @property
     def needs_ref(self) -> bool:
         """A frozen reference policy is needed (a KL term is on)."""

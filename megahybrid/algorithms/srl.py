@@ -45,3 +45,10 @@ class SRL(GRPO):
             except re.error as exc:
                 problems.append(f"step_pattern: not a valid regular expression ({exc})")
             return problems
+
+    @classmethod
+    def transform_examples(cls, examples: list, cfg: "SRL.Config") -> list:
+        """SPEC 4.6: each expert solution becomes step-wise instances (problem + steps < k -> step k)."""
+        from megahybrid.data.srl import build_srl_dataset
+
+        return build_srl_dataset(examples, first_step=cfg.first_step, pattern=cfg.step_pattern)

@@ -174,6 +174,9 @@ class DataConfig:
 class RewardConfig:
     name: Literal["math", "srl_similarity", "exact"] = "math"
     """Reward function (SPEC 6)."""
+    eval_name: Literal["math", "srl_similarity", "exact"] | None = None
+    """Reward of the held-out evaluation (None = `name`); e.g. SRL trains on step similarity and is evaluated on
+    final answers (`math`)."""
     format_coef: float = 0.0
     """Weight of the additive 0/1 `format` reward (0 = off)."""
     timeout_s: float = 5.0

@@ -89,8 +89,12 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[list, list]:
     from megahybrid.data import load_dataset
     from megahybrid.data.tokenize import filter_by_length
 
+    from megahybrid.algorithms.registry import get_algorithm
+
     def load(split: str) -> list:
         examples = load_dataset(cfg.data, split, seed=cfg.train.seed)
+        if split == "train":
+            examples = get_algorithm(cfg.algorithm.name).transform_examples(examples, cfg.algorithm)
         kept, _ = filter_by_length(examples, tokenizer, template=cfg.data.template,
                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
                                    max_demo_tokens=cfg.data.max_demo_tokens)

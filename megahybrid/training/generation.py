@@ -6,6 +6,7 @@ finished groups are broadcast to every rank as Python objects (they are small: t
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -30,12 +31,18 @@ class Generator:
         self.tokenizer = tokenizer
         self.pool = RolloutPool(cfg.rollout, model_dir, seed=cfg.train.seed,
                                 max_model_len=cfg.model.max_position_embeddings)
-        self.rewards = RewardPool(cfg.reward)
+        think = {"srl_require_think": getattr(cfg.algorithm, "require_think", True)}
+        self.rewards = RewardPool(cfg.reward, **think)
+        eval_name = cfg.reward.eval_name or cfg.reward.name
+        self.eval_rewards = self.rewards if eval_name == cfg.reward.name else \
+            RewardPool(dataclasses.replace(cfg.reward, name=eval_name), **think)
         self.num_reward_timeouts = 0
 
     def close(self) -> None:
         self.pool.close()
         self.rewards.close()
+        if self.eval_rewards is not self.rewards:
+            self.eval_rewards.close()
 
     # ------------------------------------------------------------------------------------------- prompts
     def prompt_ids(self, ex: Example) -> tuple[str, list[int]]:
@@ -49,10 +56,10 @@ class Generator:
         return SamplingOptions(temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
                                max_new_tokens=max_new_tokens, stop=list(ro.stop), seed=seed, logprobs=True)
 
-    def _score(self, texts: list[str], references: list[str]) -> list[float]:
+    def _score(self, texts: list[str], references: list[str], pool: Any = None) -> list[float]:
         if not texts:
             return []
-        result = self.rewards.score(texts, references)
+        result = (pool or self.rewards).score(texts, references)
         self.num_reward_timeouts += result.num_timeouts
         return [float(s) for s in result.scores]
 
@@ -113,7 +120,7 @@ class Generator:
                                                                 max_new_tokens=max_new_tokens, seed=seed))
         texts = [o.text for outs in samples for o in outs]
         refs = [ex.answer for ex, outs in zip(examples, samples) for _ in outs]
-        scores = self._score(texts, refs)
+        scores = self._score(texts, refs, self.eval_rewards)
         correct = [[float(s > 0) for s in scores[i * n:(i + 1) * n]] for i in range(len(examples))]
         lengths = [len(o.token_ids) for outs in samples for o in outs]
         out = {f"eval/avg@{n}": avg_at_k(correct), "eval/pass@1": pass_at_1(correct),

@@ -85,7 +85,8 @@ if __name__ == "__main__":
 def test_every_algorithm_runs_two_steps_and_its_checkpoint_reloads(tmp_path, algorithm):
     extra = [f"algorithm.name={algorithm}", "parallel.world_size=1", "train.steps=2", "train.save_every=2"]
     if algorithm == "srl":
-        extra += ["data.train=builtin:arith_steps", "reward.name=srl_similarity"]
+        extra += ["data.train=builtin:arith_steps", "reward.name=srl_similarity", "reward.eval_name=math",
+                  "algorithm.first_step=true"]
     if algorithm == "sasr":
         extra += ["algorithm.warmup_steps=1"]  # step 1 SFT warm-up, step 2 adaptive (SFT or GRPO)
     run_dir = tmp_path / "run"
