@@ -83,6 +83,7 @@ def test_slurm_executor_reports_completed_and_failed_runs(slurm, tmp_path):
     assert slurm.job(job).state == "FAILED" and "finished: FAILED" in bad.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_executor_trains_the_tiny_config_for_two_steps(tmp_path):
     run_dir = tmp_path / "run"

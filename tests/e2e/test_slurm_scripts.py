@@ -149,6 +149,7 @@ def test_preemption_signal_reaches_every_rank_and_requeues_the_job(slurm, tmp_pa
         slurm.run("scancel", job, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_srft_7b_script_trains_the_tiny_config_for_two_steps(slurm, tmp_path):
     run_dir = tmp_path / "run"
