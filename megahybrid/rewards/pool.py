@@ -16,7 +16,7 @@ from subprocess import Popen
 
 from megahybrid.config.schema import RewardConfig
 from megahybrid.rewards.functions import exact_reward, format_reward
-from megahybrid.rewards.subproc import kill_worker, spawn_worker
+from megahybrid.rewards.subproc import WorkerPoolBase, kill_worker, spawn_worker
 
 IN_PROCESS = {"exact": exact_reward}
 """Rewards cheap and safe enough to run in the caller (linear string checks, no SymPy)."""
@@ -48,7 +48,7 @@ class _Worker:
     deadline: float = 0.0
 
 
-class RewardPool:
+class RewardPool(WorkerPoolBase):
     """`RewardPool(cfg.reward).score(responses, references) -> RewardResult`."""
 
     def __init__(self, cfg: RewardConfig, *, srl_require_think: bool = True, think_opened_in_prompt: bool = False,
@@ -158,15 +158,3 @@ class RewardPool:
             kill_worker(w.proc, w.conn)
             w.proc = w.conn = None
         self._workers = []
-
-    def __enter__(self) -> "RewardPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

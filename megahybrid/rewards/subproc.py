@@ -51,3 +51,22 @@ def kill_worker(proc: subprocess.Popen | None, conn: Connection | None) -> None:
 def worker_connection(argv: list[str]) -> Connection:
     """The worker's end, from its command line."""
     return Connection(int(argv[0]))
+
+
+class WorkerPoolBase:
+    """Context-manager plumbing shared by the pools: `close()` on exit and when garbage-collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError  # each pool defines how its workers end
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass

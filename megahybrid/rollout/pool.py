@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from megahybrid.config.schema import RolloutConfig
-from megahybrid.rewards.subproc import kill_worker, spawn_worker
+from megahybrid.rewards.subproc import WorkerPoolBase, kill_worker, spawn_worker
 from megahybrid.rollout.types import RolloutError, RolloutSample, SamplingOptions
 from megahybrid.rollout.vllm_engine import cpu_env
 
@@ -48,7 +48,7 @@ class _Slot:
     info: dict = field(default_factory=dict)
 
 
-class RolloutPool:
+class RolloutPool(WorkerPoolBase):
     """`RolloutEngine` over `cfg.num_workers` VLLMEngine worker processes."""
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, seed: int, max_model_len: int,
@@ -56,6 +56,9 @@ class RolloutPool:
                  gpu_ids: list[int] | None = None):
         if cfg.num_workers < 1:
             raise ValueError(f"rollout.num_workers: expected >= 1, got {cfg.num_workers}")
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise RolloutError(f"rollout model folder {model_dir!r} has no config.json (a Hugging Face folder "
+                               "with config, safetensors and tokenizer files is expected)")
         self.cfg, self.model_dir = cfg, model_dir
         self.start_timeout_s, self.max_attempts = start_timeout_s, max_attempts
         self.cuda = cfg.gpus_per_worker > 0
@@ -77,9 +80,13 @@ class RolloutPool:
         self.num_restarts = self.num_timeouts = 0
         self.last_sync_s = 0.0
         self._closed = False
-        for s in self._slots:
-            self._spawn(s)
-        self._wait_started(strict=True)
+        try:
+            for s in self._slots:
+                self._spawn(s)
+            self._wait_started(strict=True)
+        except BaseException:
+            self.close()  # no worker outlives a failed start
+            raise
 
     # ----- processes -------------------------------------------------------------------------------------------
     def _env(self, slot: _Slot) -> dict[str, str]:
@@ -383,15 +390,3 @@ class RolloutPool:
                     pass
             self._kill(s)
         self._group = None
-
-    def __enter__(self) -> "RolloutPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

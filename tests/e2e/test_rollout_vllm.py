@@ -169,3 +169,14 @@ def test_engine_error_is_reported(setup):
     with pytest.raises(RolloutError, match="rollout worker"):
         pool.generate([[5] * 200], 1, SamplingOptions(max_new_tokens=4, seed=0))  # longer than max_model_len
     assert len(pool.generate([[5, 6]], 1, SamplingOptions(max_new_tokens=4, seed=0))[0]) == 1
+
+
+def test_failed_start_names_the_worker_log(tmp_path):
+    cfg = RolloutConfig(num_workers=1, kv_cache_memory_bytes=16 << 20)
+    with pytest.raises(RolloutError, match="has no config.json"):
+        RolloutPool(cfg, str(tmp_path / "no-such-model"), seed=0, max_model_len=64)
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    with pytest.raises(RolloutError, match=r"rollout worker 0 failed to start \(log .*worker0\.log\)"):
+        RolloutPool(cfg, str(bad), seed=0, max_model_len=64, log_dir=str(tmp_path), start_timeout_s=300)
