@@ -49,11 +49,16 @@ class _Slot:
 
 
 class RolloutPool(WorkerPoolBase):
-    """`RolloutEngine` over `cfg.num_workers` VLLMEngine worker processes."""
+    """`RolloutEngine` over `cfg.num_workers` VLLMEngine worker processes on this node.
+
+    `model_dir`: HF folder (config, safetensors, tokenizer). `seed`: vLLM engine seed. `max_model_len`: prompt +
+    response tokens. `log_dir`: one `worker<i>.log` per worker (default: a fresh temp dir). `gpu_ids`: GPUs to
+    hand out, `cfg.gpus_per_worker` each in order (default 0, 1, ...). `dtype`: engine dtype (CPU: float32).
+    """
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, seed: int, max_model_len: int,
                  log_dir: str | None = None, start_timeout_s: float = 600.0, max_attempts: int = 3,
-                 gpu_ids: list[int] | None = None):
+                 gpu_ids: list[int] | None = None, dtype: str | None = None):
         if cfg.num_workers < 1:
             raise ValueError(f"rollout.num_workers: expected >= 1, got {cfg.num_workers}")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -66,7 +71,7 @@ class RolloutPool(WorkerPoolBase):
                                    device="cuda" if self.cuda else "cpu",
                                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, max_num_seqs=cfg.max_num_seqs,
                                    gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                   tensor_parallel_size=max(1, cfg.gpus_per_worker))
+                                   tensor_parallel_size=max(1, cfg.gpus_per_worker), dtype=dtype)
         g = cfg.gpus_per_worker
         self._gpu_ids = gpu_ids if gpu_ids is not None else list(range(cfg.num_workers * g))
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="megahybrid-rollout-")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from megahybrid.data import Example
-from megahybrid.data.templates import render_prompt
+from megahybrid.data.templates import SRFT_SYSTEM, SRFT_TEMPLATE, SUPERRL_SUFFIX, render_prompt
 from megahybrid.data.tokenize import encode_pair, encode_prompt, filter_by_length, pad_pairs
 from megahybrid.model.tiny import build_char_tokenizer
 
@@ -31,6 +31,17 @@ def test_templates_literal_text(tok):
         render_prompt(q, "alpaca")
     with pytest.raises(ValueError, match="chat template"):
         render_prompt(q, "chat", None)
+
+
+def test_templates_through_chat(tok):
+    # the char tokenizer's chat template: each non-assistant turn's content + newline
+    q = "What is 2+2?"
+    srft = render_prompt(q, "srft", tok, chat=True)
+    assert srft == SRFT_SYSTEM + "\n" + q + "\n"
+    assert SRFT_TEMPLATE.startswith(SRFT_SYSTEM + "\n\n**Question:** ")
+    assert render_prompt(q, "superrl", tok, chat=True) == q + " " + SUPERRL_SUFFIX + "\n"
+    assert render_prompt(q, "plain", tok, chat=True) == render_prompt(q, "chat", tok) == q + "\n"
+    assert render_prompt(q, "chat", tok, system="Be brief.") == "Be brief.\n" + q + "\n"
 
 
 def test_encode_pair_masks_line_up(tok):
