@@ -13,16 +13,17 @@ Memory estimate of one trainer GPU (bytes; P = parameters held by the GPU, the l
                                   (Megatron-LM "Distributed Optimizer" docs: 18 vs 6 + 12/d bytes per parameter)
     reference  = P * w            frozen reference policy, only when the algorithm needs one (KL term on)
     activations, s = prompt + longest response/demo tokens, b = micro-batch, t = TP, t_sp = t if sequence parallel
-        per layer       a_l = 2 * s * b * (6h + 2 g d_h + 3 f) / t
-                        (16-bit saved tensors of one layer with flash attention: both norm inputs, the QKV input and
+        per layer       a_l = e * s * b * (6h + 2 g d_h + 3 f) / t      e = 2 bytes (4 with fp32 params)
+                        (saved tensors of one layer with flash attention: both norm inputs, the QKV input and
                         output (h + 2 g d_h), the attention output, the MLP input, the SwiGLU gate+up (2f) and its
                         product (f); g = KV heads, d_h = head dim, f = FFN width; no dropout)
-        with full recompute:  L * 2 s b h / t_sp  (each layer's input kept) + a_l (one layer re-run in backward)
+        with full recompute:  L * e s b h / t_sp  (each layer's input kept) + a_l (one layer re-run in backward)
         without:              L * a_l  (1F1B keeps PP micro-batches of L/PP layers on the first stage)
     reserve    = 4 GiB            our choice: CUDA context, NCCL buffers, allocator fragmentation
 The LM head's [tokens, vocab] logits are never materialised (megahybrid/kernels computes log-probs and entropy in
-vocabulary chunks), so they are not counted. A rollout GPU holds its engine's share of the bf16 weights and the
-KV cache: 2 (K and V) * L * g * d_h * 2 bytes per token, divided by the engine's tensor-parallel size.
+vocabulary chunks), so they are not counted. A rollout GPU gets gpu_memory_utilization * 80 GiB from vLLM, holding
+its engine's share of the bf16 weights (2 * P_model / engine TP), a 2 GiB workspace and the 4 GiB reserve (our
+choices), and the KV cache in the rest: 2 (K and V) * L * g * d_h * 2 bytes per token / engine TP.
 """
 from __future__ import annotations
 

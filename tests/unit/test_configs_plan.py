@@ -169,3 +169,13 @@ def test_cli_plan_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "megahybrid", "plan", str(SRFT), *too_big],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "config error: plan: trainer memory estimate" in bad.stderr, bad.stderr
+
+
+def test_rollout_engine_kv_cache_restated():
+    eng = plan.rollout_memory(srft(), 80 * GIB)
+    budget = 0.85 * 80 * GIB  # gpu_memory_utilization of an 80 GiB GPU
+    weights = 2 * 7_615_616_512  # bf16, one GPU per engine
+    per_token = 2 * 28 * 4 * 128 * 2  # K and V, 28 layers, 4 KV heads of 128, bf16
+    assert eng["kv_per_token"] == per_token == 57_344
+    assert eng["kv_tokens"] == pytest.approx((budget - weights - 6 * GIB) / per_token)
+    assert eng["kv_tokens"] > 50 * (1024 + 8192)  # dozens of full-length sequences per engine
