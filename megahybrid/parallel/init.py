@@ -54,11 +54,15 @@ class ParallelState:
         """Global rank of the last pipeline stage in this rank's pipeline (source of broadcasts over pp_group)."""
         return dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
-    def destroy(self) -> None:
-        """Tear down Megatron's groups, the process group (if this call created it) and the CPU shim."""
+    def destroy(self, *, keep_process_group: bool = False) -> None:
+        """Tear down Megatron's groups, the default process group (if `init_distributed` created it and
+        `keep_process_group` is False) and the CPU shim. Keep the process group to re-initialise at another
+        TP/PP layout in the same processes (torch.distributed cannot be re-initialised reliably)."""
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
+        if keep_process_group:
+            return
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         if self.shim_applied:

@@ -7,6 +7,7 @@ The writer runs in spawned processes: scripts that save need an `if __name__ == 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
@@ -30,9 +31,63 @@ def sharded_state_dict(policy, *, is_loading: bool = False) -> dict[str, Any]:
     model = {f"chunk{i}": m.sharded_state_dict(prefix="", metadata=meta) for i, m in enumerate(policy.modules)}
     state: dict[str, Any] = {"model": model}
     if policy.trainable:
+        if is_loading:
+            _init_empty_distributed_optimizer_state(policy.optimizer)
         state["optimizer"] = policy.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=meta)
         state["scheduler"] = policy.scheduler.state_dict()
     return state
+
+
+def _init_empty_distributed_optimizer_state(optimizer) -> None:
+    """Megatron's DistributedOptimizer.state_dict() asserts a single Adam `step` across states, which a fresh
+    torch (non-Apex/TE) Adam does not have yet: give it placeholder states (overwritten by the load)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron restores torch Adam's `step` as ONE tensor object shared by every parameter's state; torch
+    increments it in place per parameter, which would corrupt the bias correction. Give each state its own."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def _torch_adam_step_passthrough(optimizer):
+    """Megatron 0.16's fully-reshardable load skips torch Adam's per-param `step` state (restored separately
+    from the param groups) but then copies every state key, failing with KeyError('step'); Apex/TE FusedAdam
+    (GPU) has no such key. For the duration of the load, a missing `step` is taken from the state it would
+    overwrite (i.e. left as restored)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def with_step(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                group, order = opt.model_param_group_index_map[model_param]
+                state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"]}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+        _unshare_adam_steps(optimizer)
 
 
 def save_checkpoint(policy, directory: str, extra_state: dict[str, Any]) -> None:
@@ -58,7 +113,8 @@ def load_checkpoint(policy, directory: str) -> dict[str, Any]:
     if policy.trainable:
         if "optimizer" not in loaded or "scheduler" not in loaded:
             raise KeyError(f"{directory}: checkpoint has no optimizer/scheduler state (saved from a frozen policy?)")
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        with _torch_adam_step_passthrough(policy.optimizer):
+            policy.optimizer.load_state_dict(loaded["optimizer"])
         policy.scheduler.load_state_dict(loaded["scheduler"])
     policy._sync_extra_parameters()
     return loaded.get("extra_state", {})
