@@ -55,8 +55,12 @@ def nemorun_home(cluster: ClusterProfile) -> Path:
     return home
 
 
-def task_env(cluster: ClusterProfile, opts: LaunchOptions) -> dict[str, str]:
-    env = {"MEGAHYBRID_HOME": str(REPO), "MH_NODE_PYTHON": cluster.python, **cluster.env}
+def task_env(cfg: RunConfig, cluster: ClusterProfile, opts: LaunchOptions) -> dict[str, str]:
+    """Environment of every node launcher; the MH_* layout values spare each node re-resolving the config."""
+    from megahybrid.launch.prepare import nproc_per_node
+
+    env = {"MEGAHYBRID_HOME": str(REPO), "MH_NODE_PYTHON": cluster.python, "MH_NNODES": str(cfg.launch.nodes),
+           "MH_NPROC_PER_NODE": str(nproc_per_node(cfg)), "MH_RUN_DIR": cfg.train.run_dir, **cluster.env}
     if cluster.setup:
         env["MH_SETUP"] = "\n".join(cluster.setup)
     if opts.preflight:
@@ -156,7 +160,7 @@ def launch(config: str, overrides: list[str], cfg: RunConfig, cluster: ClusterPr
 
     run.config.set_nemorun_home(str(home))
     title = opts.name or Path(cfg.train.run_dir).name or "megahybrid"
-    env = task_env(cluster, opts)
+    env = task_env(cfg, cluster, opts)
     if opts.executor == "slurm":
         executor = build_slurm_executor(cfg, cluster, home, env, title)
     elif opts.executor == "local":
