@@ -263,6 +263,8 @@ class LaunchConfig:
     """Cluster profile in configs/clusters/<name>.yaml (partition, account, container, ...)."""
     time_limit: str = "04:00:00"
     """Slurm time limit."""
+    gpu_memory_gib: float = 80.0
+    """Per-GPU memory that `megahybrid plan` checks the trainer/engine estimates against."""
     preempt_signal_s: int = 300
     """Seconds before the time limit at which Slurm sends SIGUSR1 so the trainer checkpoints."""
 

@@ -82,6 +82,12 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
             problems.append(f"launch: trainer GPUs ({world}) + rollout GPUs (rollout.num_workers*gpus_per_worker="
                             f"{rollout_gpus}) exceed launch.nodes*gpus_per_node ({total})")
 
+    if launch.gpus_per_node > 0 and not problems:
+        # cluster configs: the full layout + per-GPU memory plan (what `megahybrid plan` prints)
+        from megahybrid.config.plan import plan_problems
+
+        problems.extend(plan_problems(cfg))
+
     check = getattr(cfg.algorithm, "validate", None)
     if callable(check):
         problems.extend(f"algorithm.{p}" for p in check())
