@@ -47,8 +47,15 @@ class Policy:
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens need at least 2 positions; got shape {tuple(tokens.shape)}")
         tokens = tokens.to(self.ps.device)
-        return [step_lib.pad_tokens(tokens[i:i + micro_batch_size], micro_batch_size, tokens.shape[1])
-                for i in range(0, tokens.shape[0], micro_batch_size)]
+        batches = [step_lib.pad_tokens(tokens[i:i + micro_batch_size], micro_batch_size, tokens.shape[1])
+                   for i in range(0, tokens.shape[0], micro_batch_size)]
+        return batches + self._filler_batches(len(batches), batches[0])
+
+    def _filler_batches(self, count: int, like: Tensor) -> list[Tensor]:
+        """The interleaved (virtual pipeline) schedule needs at least PP micro-batches: all-padding fillers."""
+        if self.ps.vpp_size is None or count >= self.ps.pp_size:
+            return []
+        return [torch.zeros_like(like) for _ in range(self.ps.pp_size - count)]
 
     def _broadcast_stacked(self, stacked: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         """A tensor computed on the last pipeline stage -> every stage (known shape)."""
@@ -93,6 +100,8 @@ class Policy:
         batches = self._micro_token_batches(tokens, tokens.shape[0])
 
         def head(i, model, hidden):
+            if i > 0:  # fillers of the interleaved schedule
+                return torch.zeros((), device=hidden.device), {}
             local = torch.einsum("tsh,vh->stv", hidden, model.head_weight())
             full = gather_from_tensor_model_parallel_region(local, group=self.ps.tp_group)
             return torch.zeros((), device=hidden.device), {"out": full[..., : self.head.vocab_size].float()}
@@ -117,8 +126,11 @@ class Policy:
         num_seq = max(int(mb.tokens.shape[0]) for mb in micro_batches)
         num_pos = max(int(mb.tokens.shape[1]) for mb in micro_batches)
         batches = [step_lib.pad_tokens(mb.tokens.to(self.ps.device), num_seq, num_pos) for mb in micro_batches]
+        batches += self._filler_batches(len(batches), batches[0])
 
         def head(i, model, hidden):
+            if i >= len(micro_batches):  # filler: no loss, but a graph for the schedule's backward
+                return hidden.sum() * 0.0, {"loss": torch.zeros(()), "metrics": {}}
             mb = micro_batches[i]
             s, t = mb.tokens.shape
             logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature)
