@@ -23,6 +23,8 @@ def run_training(config_path: str, overrides: list[str]) -> int:
     from megahybrid.training.launch_local import launch, under_distributed_launcher
 
     cfg = load_config(config_path, overrides)
+    if cfg.stages:
+        return run_stages(cfg, config_path)
     world = cfg.parallel.world_size or 1
     if world > 1 and not under_distributed_launcher():
         os.environ[_LOCAL_CHILD_ENV] = "1"
@@ -32,6 +34,51 @@ def run_training(config_path: str, overrides: list[str]) -> int:
             print_final_line(Path(cfg.train.run_dir), start)
         return code
     return _train_this_rank(cfg, print_final=os.environ.get(_LOCAL_CHILD_ENV) != "1")
+
+
+def run_stages(cfg: RunConfig, config_path: str) -> int:
+    """A curriculum (`stages:`, e.g. SRL then RLVR): each stage is a full run in its own run directory that starts
+    from the previous stage's final weights. A finished stage (its final.json) is skipped, so a re-submitted job
+    continues with the first unfinished stage (which itself resumes from its newest checkpoint)."""
+    import dataclasses
+
+    from megahybrid.config.loader import dump_yaml
+    from megahybrid.config.plan import stage_configs
+    from megahybrid.training.run_dir import atomic_write_text
+
+    previous: RunConfig | None = None
+    for index, stage in enumerate(stage_configs(cfg, config_path)):
+        run_dir = Path(stage.train.run_dir)
+        if previous is not None:
+            prev_dir = Path(previous.train.run_dir)
+            weights = Path(previous.rollout.sync_dir or prev_dir / "weights")
+            tokenizer = previous.model.tokenizer or previous.model.hf_path or str(prev_dir / "tokenizer")
+            stage = dataclasses.replace(stage, model=dataclasses.replace(stage.model, hf_path=str(weights),
+                                                                         tokenizer=tokenizer))
+        previous = stage
+        if _stage_finished(run_dir, stage):
+            print(f"[megahybrid] stage {index}: already finished in {run_dir}", file=sys.stderr, flush=True)
+            continue
+        print(f"[megahybrid] stage {index}: {stage.algorithm.name} in {run_dir}", file=sys.stderr, flush=True)
+        from megahybrid.training.launch_local import under_distributed_launcher
+
+        if (stage.parallel.world_size or 1) > 1 and not under_distributed_launcher():
+            stage_file = run_dir.parent / f"{run_dir.name}.stage.yaml"
+            stage_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stage_file, dump_yaml(stage))
+            code = run_training(str(stage_file), [])
+        else:
+            code = _train_this_rank(stage, print_final=os.environ.get(_LOCAL_CHILD_ENV) != "1")
+        if code != 0:
+            return code
+        if not _stage_finished(run_dir, stage):  # pre-empted: stop here, a re-submission continues this stage
+            return 0
+    return 0
+
+
+def _stage_finished(run_dir: Path, stage: RunConfig) -> bool:
+    final = run_dir / FINAL_FILE
+    return final.exists() and json.loads(final.read_text())["steps"] >= stage.train.steps
 
 
 def _train_this_rank(cfg: RunConfig, *, print_final: bool) -> int:
