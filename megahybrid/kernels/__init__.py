@@ -44,7 +44,8 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
     tp_group = tensor-parallel process group (None = no TP). Differentiable w.r.t. hidden and weight for both logp
     and entropy. Never materialises [N, V] (except impl="reference", the oracle).
 
-    chunk_size: tokens and vocabulary rows per block (None = a tuned default).
+    Outputs are float32 (float64 for float64 inputs) whatever the input dtype; gradients come back in the inputs'
+    dtypes. chunk_size: tokens and vocabulary rows per block (None = a tuned default; te_fp8: tokens per chunk).
     reduce_hidden_grad: all-reduce the hidden gradient over tp_group (see the module docstring).
     """
     from megahybrid.kernels.inputs import check_inputs

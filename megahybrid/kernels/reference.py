@@ -12,7 +12,9 @@ from megahybrid.kernels.vocab_parallel import gather_vocab_shards
 
 
 def reference_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, args: KernelArgs):
-    """hidden [N, D], weight [V_local, D], targets [N] -> (logp, entropy, lse), each [N]."""
+    """hidden [N, D], weight [V_local, D], targets [N] -> (logp, entropy, lse), each [N] in fp32 or wider."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # like the fused impls: never below fp32
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     full_weight, own = gather_vocab_shards(weight, args.vocab_start, args.tp_group)
     if args.reduce_hidden_grad or args.tp_group is None:
         logits = hidden @ full_weight.T
