@@ -45,7 +45,8 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
     and entropy. Never materialises [N, V] (except impl="reference", the oracle).
 
     Outputs are float32 (float64 for float64 inputs) whatever the input dtype; gradients come back in the inputs'
-    dtypes. chunk_size: tokens and vocabulary rows per block (None = a tuned default; te_fp8: tokens per chunk).
+    dtypes. chunk_size: tokens and vocabulary rows per block (None = a tuned default; te_fp8: tokens per chunk;
+    triton: fixed 64 x 64 tiles).
     reduce_hidden_grad: all-reduce the hidden gradient over tp_group (see the module docstring).
     """
     from megahybrid.kernels.inputs import check_inputs
