@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -54,11 +54,13 @@ class RolloutPool(WorkerPoolBase):
     `model_dir`: HF folder (config, safetensors, tokenizer). `seed`: vLLM engine seed. `max_model_len`: prompt +
     response tokens. `log_dir`: one `worker<i>.log` per worker (default: a fresh temp dir). `gpu_ids`: GPUs to
     hand out, `cfg.gpus_per_worker` each in order (default 0, 1, ...). `dtype`: engine dtype (CPU: float32).
+    `prefix_caching`: vLLM prefix caching (default: on with GPUs, off on CPU).
     """
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, seed: int, max_model_len: int,
                  log_dir: str | None = None, start_timeout_s: float = 600.0, max_attempts: int = 3,
-                 gpu_ids: list[int] | None = None, dtype: str | None = None):
+                 gpu_ids: list[int] | None = None, dtype: str | None = None,
+                 prefix_caching: bool | None = None):
         if cfg.num_workers < 1:
             raise ValueError(f"rollout.num_workers: expected >= 1, got {cfg.num_workers}")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -71,7 +73,10 @@ class RolloutPool(WorkerPoolBase):
                                    device="cuda" if self.cuda else "cpu",
                                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, max_num_seqs=cfg.max_num_seqs,
                                    gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                   tensor_parallel_size=max(1, cfg.gpus_per_worker), dtype=dtype)
+                                   tensor_parallel_size=max(1, cfg.gpus_per_worker), dtype=dtype,
+                                   # off on CPU: a warm cache changes how a prompt's KV is computed, and bit-exact
+                                   # samples (exact resume) matter more there than the saved prefill
+                                   enable_prefix_caching=self.cuda if prefix_caching is None else prefix_caching)
         g = cfg.gpus_per_worker
         self._gpu_ids = gpu_ids if gpu_ids is not None else list(range(cfg.num_workers * g))
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="megahybrid-rollout-")
@@ -242,26 +247,45 @@ class RolloutPool(WorkerPoolBase):
                     self._requeue(slot, queue, attempts, f"exceeded request_timeout_s={self.cfg.request_timeout_s}")
 
     # ----- control requests and weight sync --------------------------------------------------------------------
-    def _control(self, cmd: str, *args: Any, slots: list[_Slot] | None = None,
-                 before_wait=None) -> list[Any]:
-        """Send one command to the given (default: all) idle workers and gather the replies in worker order."""
-        self._wait_started(strict=False)
-        slots = self._slots if slots is None else slots
-        for s in slots:
-            s.conn.send((cmd, 0, *args))
-        if before_wait is not None:
-            before_wait()
-        out = []
-        for s in slots:
-            if not s.conn.poll(self.cfg.request_timeout_s):
-                self._kill(s)
-                raise RolloutError(f"rollout worker {s.index}: {cmd} timed out (log {s.log_path})")
-            msg = self._recv(s)
-            if msg is None or msg[0] != "ok":
-                detail = msg[2] if msg is not None else self._log_tail(s)
+    def _revive(self) -> None:
+        """Restart workers that died while idle, and wait until none is starting."""
+        for s in self._slots:
+            if s.proc is None or s.proc.poll() is not None:
                 self._restart(s)
-                raise RolloutError(f"rollout worker {s.index}: {cmd} failed:\n{detail}")
-            out.append(msg[2])
+        self._wait_started(strict=False)
+
+    def _control(self, cmd: str, args_for: Callable[[_Slot], tuple] = lambda s: (), *,
+                 before_wait: Callable[[], None] | None = None, died_ok: bool = False) -> list[Any]:
+        """Send one command to every worker and gather every reply (in worker order) before raising.
+
+        `before_wait` runs between sending and gathering (the trainer's half of a collective). With `died_ok`, a
+        worker that dies on the command is only restarted (its restart loads the state the command set up).
+        """
+        self._revive()
+        for s in self._slots:
+            try:
+                s.conn.send((cmd, 0, *args_for(s)))
+            except OSError:
+                pass  # a dead worker: seen below as no reply
+        failure: BaseException | None = None
+        if before_wait is not None:
+            try:
+                before_wait()
+            except Exception as exc:  # still gather the replies, so none leaks into a later request
+                failure = exc
+        out, errors = [], []
+        for s in self._slots:
+            msg = self._recv(s) if s.conn.poll(self.cfg.request_timeout_s) else None
+            if msg is not None and msg[0] == "ok":
+                out.append(msg[2])
+                continue
+            detail = msg[2] if msg is not None else f"no reply (died or timed out); log:\n{self._log_tail(s)}"
+            self._restart(s)
+            out.append(None)
+            if msg is not None or not died_ok:
+                errors.append(f"worker {s.index} ({s.log_path}): {detail}")
+        if errors or failure is not None:
+            raise RolloutError(f"rollout {cmd} failed:\n" + "\n".join(errors or [repr(failure)])) from failure
         return out
 
     def update_weights(self, source: str | dict[str, Tensor]) -> float:
@@ -276,7 +300,7 @@ class RolloutPool(WorkerPoolBase):
         t0 = time.perf_counter()
         self._weights_path = os.path.abspath(source)
         self._last_broadcast = None
-        self._control("update_weights", self._weights_path)
+        self._control("update_weights", lambda s: (self._weights_path,), died_ok=True)
         for s in self._slots:
             s.stale = False
         self.weights_version += 1
@@ -311,7 +335,7 @@ class RolloutPool(WorkerPoolBase):
             for k, v in named_tensors.items():
                 broadcast_tensor(self._group, v.detach().to(device).contiguous())
 
-        self._control("receive_weights", specs, before_wait=send_all)
+        self._control("receive_weights", lambda s: (specs,), before_wait=send_all)
         for s in self._slots:
             s.stale = False
 
@@ -319,6 +343,7 @@ class RolloutPool(WorkerPoolBase):
         """(Re)build the broadcast group when it does not exist or a worker was restarted since."""
         from megahybrid.rollout.vllm_ext import make_sync_group
 
+        self._revive()
         members = tuple(s.proc.pid for s in self._slots)
         if self._group is not None and self._group_members == members:
             return
@@ -334,24 +359,26 @@ class RolloutPool(WorkerPoolBase):
             groups["g"] = make_sync_group("127.0.0.1", port, 0, world, backend,
                                           timeout_s=self.cfg.request_timeout_s)
 
-        for s in self._slots:
-            s.conn.send(("init_sync", 0, "127.0.0.1", port, 1 + tp * s.index, world, backend))
-        join()  # blocks until every engine rank has joined
-        for s in self._slots:
-            msg = self._recv(s) if s.conn.poll(self.cfg.request_timeout_s) else None
-            if msg is None or msg[0] != "ok":
-                raise RolloutError(f"rollout worker {s.index}: joining the weight-sync group failed:\n"
-                                   f"{msg[2] if msg else self._log_tail(s)}")
+        self._control("init_sync", lambda s: ("127.0.0.1", port, 1 + tp * s.index, world, backend), before_wait=join)
         self._group, self._group_members = groups["g"], members
 
     def _maybe_resync(self) -> None:
-        """Broadcast mode: re-send the last weights once no worker is busy and some restarted worker is stale."""
-        if any(s.stale for s in self._slots) and not any(s.state == "busy" for s in self._slots):
-            if self._last_broadcast is None:
-                raise RolloutError("a rollout worker restarted after broadcast_weights(keep_copy=False): "
-                                   "its weights are stale; call broadcast_weights again")
-            self._wait_started(strict=False)
-            self._broadcast(self._last_broadcast)
+        """Broadcast mode: once a restarted (stale) worker is up and no request is in flight, re-send the last
+        weights to everyone (a group collective). Until then the stale worker gets no work; others carry on."""
+        if not any(s.stale and s.state == "idle" for s in self._slots):
+            return
+        if any(s.state == "busy" for s in self._slots):
+            return
+        if self._last_broadcast is None:
+            raise RolloutError("a rollout worker restarted after broadcast_weights(keep_copy=False): "
+                               "its weights are stale; call broadcast_weights again")
+        self._broadcast(self._last_broadcast)
+
+    def wait_ready(self) -> None:
+        """Block until every worker is started and has the current weights (restarts finished, re-syncs done)."""
+        self._check_open()
+        self._revive()
+        self._maybe_resync()
 
     # ----- misc -----------------------------------------------------------------------------------------------
     def pids(self) -> list[int | None]:

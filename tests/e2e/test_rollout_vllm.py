@@ -120,14 +120,20 @@ def test_broadcast_weights_gloo(setup):
 
 
 def fault_during_generate(pool, sig: int, worker: int = 1) -> threading.Thread:
-    """Send `sig` to one worker as soon as it has a generate request in flight."""
+    """Send `sig` to one worker as soon as it has a generate request in flight (th.fired records it)."""
+    pool.wait_ready()  # both workers up with current weights, so both get a shard
+
     def inject():
         deadline = time.monotonic() + 120
-        while worker not in pool.busy_workers() and time.monotonic() < deadline:
+        while worker not in pool.busy_workers():
+            if time.monotonic() > deadline:
+                return
             time.sleep(0.005)
         os.kill(pool.pids()[worker], sig)
+        th.fired = True
 
     th = threading.Thread(target=inject, daemon=True)
+    th.fired = False
     th.start()
     return th
 
@@ -141,11 +147,13 @@ def test_sigkill_worker_mid_generation(setup):
     th = fault_during_generate(pool, signal.SIGKILL)
     got = pool.generate(many, 2, sp)
     th.join(timeout=5)
-    assert pool.num_restarts == restarts + 1
+    assert th.fired and pool.num_restarts == restarts + 1
     assert len(got) == len(many) and tokens(got) == tokens(ref)  # each prompt answered once, in order
     # the restarted worker has the current weights (re-synced) and serves requests again
-    again = pool.generate(many, 2, sp)
-    assert tokens(again) == tokens(ref) and pool.health()["alive"] == [True, True]
+    pool.wait_ready()  # the restarted worker is re-synced (it lost the broadcast weights) ...
+    assert pool.health()["states"] == ["idle", "idle"]
+    again = pool.generate(many, 2, sp)  # ... and serves its shard with them
+    assert tokens(again) == tokens(ref)
 
 
 def test_hung_worker_times_out(setup):
@@ -159,6 +167,7 @@ def test_hung_worker_times_out(setup):
         th = fault_during_generate(pool, signal.SIGSTOP)  # a hung engine: alive but silent
         got = pool.generate(many, 2, sp)
         th.join(timeout=5)
+        assert th.fired
     finally:
         pool.cfg.request_timeout_s = old
     assert pool.num_timeouts == timeouts + 1 and tokens(got) == tokens(ref)
