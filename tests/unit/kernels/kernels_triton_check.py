@@ -49,7 +49,6 @@ def main():
             print(json.dumps({"error": None}))
         return
     # Shapes straddle the 64-wide blocks: tokens and vocabulary rows not multiples of them, padded rows.
-    big = random_case(1, max_tokens=1, max_dim=1, max_vocab=2)
     g = torch.Generator().manual_seed(3)
     big = Case(hidden=torch.randn(70, 72, generator=g, dtype=torch.float64) * 0.5,
                weight=torch.randn(133, 72, generator=g, dtype=torch.float64),
