@@ -164,6 +164,8 @@ class DataConfig:
     """Builtin tasks / eval: number of held-out problems."""
     difficulty: int = 1
     """Builtin tasks: difficulty knob (e.g. operand digits for arith)."""
+    demo_style: Literal["short", "steps", "boxed"] = "short"
+    """Builtin arith demos: `<think>steps</think>\\boxed{a}` (short), numbered steps (steps), or `\\boxed{a}`."""
     skip_bad_rows: bool = False
     """Skip malformed rows (counted in metrics) instead of failing with file:line:field."""
     shuffle: bool = True

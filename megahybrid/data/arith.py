@@ -3,8 +3,9 @@
 Made for tiny models trained from random init on a CPU: problems are a few characters (`3+4=`), demos are
 as short as `<think>3+4=7</think>\\boxed{7}`. Difficulty:
 
-    1: a+b            one-digit operands
-    2: a+b, a-b       one-digit operands
+    1: a+b            a two-digit, b one-digit (the tiny default: the sum's units digit and carry come from
+                      small tables that every training split covers, so held-out problems are learnable)
+    2: a+b, a-b       a two-digit, b one-digit
     3: a+b-c ...      three one-digit operands, + and -
     d >= 4            three operands of d-2 digits, + and -
 
@@ -22,13 +23,18 @@ from megahybrid.data.records import Example
 DEMO_STYLES = ("short", "steps", "boxed")
 
 
-def _shape(difficulty: int) -> tuple[int, int, str]:
-    """(operands, digits per operand, operators) of a difficulty level."""
+def _shape(difficulty: int) -> tuple[tuple[int, ...], str]:
+    """(digits of each operand, operators) of a difficulty level."""
     if difficulty < 1:
         raise ValueError(f"data.difficulty: expected an integer >= 1, got {difficulty}")
-    operands = 2 if difficulty <= 2 else 3
-    digits = 1 if difficulty <= 3 else difficulty - 2
-    return operands, digits, "+" if difficulty == 1 else "+-"
+    if difficulty <= 2:
+        return (2, 1), "+" if difficulty == 1 else "+-"
+    digits = 1 if difficulty == 3 else difficulty - 2
+    return (digits,) * 3, "+-"
+
+
+def _range(digits: int) -> range:
+    return range(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
 
 def is_held_out(expr: str) -> bool:
@@ -64,16 +70,14 @@ def make_example(numbers: list[int], ops: list[str], style: str, source: str = "
                    source=source, meta={"expr": expr})
 
 
-def _random_problem(rng: random.Random, operands: int, digits: int, opset: str) -> tuple[list[int], list[str]]:
-    lo = 0 if digits == 1 else 10 ** (digits - 1)
-    nums = [rng.randint(lo, 10**digits - 1) for _ in range(operands)]
-    return nums, [rng.choice(opset) for _ in range(operands - 1)]
+def _random_problem(rng: random.Random, digits: tuple[int, ...], opset: str) -> tuple[list[int], list[str]]:
+    nums = [rng.choice(_range(d)) for d in digits]
+    return nums, [rng.choice(opset) for _ in range(len(digits) - 1)]
 
 
-def _all_problems(operands: int, digits: int, opset: str):
-    lo = 0 if digits == 1 else 10 ** (digits - 1)
-    for nums in itertools.product(range(lo, 10**digits), repeat=operands):
-        for ops in itertools.product(opset, repeat=operands - 1):
+def _all_problems(digits: tuple[int, ...], opset: str):
+    for nums in itertools.product(*(_range(d) for d in digits)):
+        for ops in itertools.product(opset, repeat=len(digits) - 1):
             yield list(nums), list(ops)
 
 
@@ -82,18 +86,20 @@ def generate_arith(num: int, *, difficulty: int = 1, split: str = "train", seed:
     """`num` problems of `split` (train: drawn with replacement; eval: distinct, at most the split's size)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-    operands, digits, opset = _shape(difficulty)
+    digits, opset = _shape(difficulty)
     rng = random.Random(f"arith:{seed}:{split}:{difficulty}")
     want_eval = split == "eval"
-    space = (9 * 10 ** (digits - 1) if digits > 1 else 10) ** operands * len(opset) ** (operands - 1)
+    space = len(opset) ** (len(digits) - 1)
+    for d in digits:
+        space *= len(_range(d))
     if space <= 200_000:  # small spaces: enumerate the split exactly
-        pool = [p for p in _all_problems(operands, digits, opset)
+        pool = [p for p in _all_problems(digits, opset)
                 if is_held_out(make_example(*p, "boxed").meta["expr"]) == want_eval]
         picks = rng.sample(pool, min(num, len(pool))) if want_eval else rng.choices(pool, k=num)
         return [make_example(n, o, demo_style, source) for n, o in picks]
     out, seen = [], set()
     while len(out) < num:
-        ex = make_example(*_random_problem(rng, operands, digits, opset), demo_style, source)
+        ex = make_example(*_random_problem(rng, digits, opset), demo_style, source)
         if is_held_out(ex.meta["expr"]) != want_eval or (want_eval and ex.meta["expr"] in seen):
             continue
         seen.add(ex.meta["expr"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ class Generator:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pool = RolloutPool(cfg.rollout, model_dir, seed=cfg.train.seed,
-                                max_model_len=cfg.model.max_position_embeddings)
+                                max_model_len=cfg.model.max_position_embeddings,
+                                log_dir=str(Path(cfg.train.run_dir) / "logs"))
         think = {"srl_require_think": getattr(cfg.algorithm, "require_think", True)}
         self.rewards = RewardPool(cfg.reward, **think)
         eval_name = cfg.reward.eval_name or cfg.reward.name
