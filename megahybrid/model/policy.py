@@ -118,7 +118,8 @@ class Policy:
 
         `loss_fn(mb, logp, entropy) -> (loss_share, {metric: share})` runs on the last pipeline stage with
         differentiable `[S, T]` logp/entropy of `mb.tokens`; shares are already globally normalised, and the
-        gradient is that of their SUM over micro-batches and data-parallel ranks. loss_fn must not communicate."""
+        gradient is that of their SUM over micro-batches and data-parallel ranks. loss_fn must not communicate.
+        On GPU, micro-batches with a `.to(device=...)` method are moved to the policy's device first."""
         if not self.trainable:
             raise RuntimeError("train_step on a frozen policy (built with trainable=False / build_reference)")
         if not micro_batches:
@@ -132,6 +133,8 @@ class Policy:
             if i >= len(micro_batches):  # filler: no loss, but a graph for the schedule's backward
                 return hidden.sum() * 0.0, {"loss": torch.zeros(()), "metrics": {}}
             mb = micro_batches[i]
+            if self.ps.device.type != "cpu" and hasattr(mb, "to"):
+                mb = mb.to(device=self.ps.device)  # e.g. algorithms.base.Batch: masks next to logp
             s, t = mb.tokens.shape
             logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature)
             loss, metrics = loss_fn(mb, logp[:s, :t], entropy[:s, :t])

@@ -57,7 +57,7 @@ def micro_batches(num: int = 4, num_seq: int = 3, num_pos: int = 9) -> list[Simp
 def make_loss_fn(sigma: torch.Tensor, num_tokens: float):
     """A loss share using log-probs, entropies and a learnable scalar (like SuperRL's log-sigma)."""
     def loss_fn(mb, logp, entropy):
-        mask = mb.mask.to(logp.dtype)
+        mask = mb.mask.to(logp)
         nll = -(logp * mask).sum() / num_tokens
         ent = (entropy * mask).sum() / num_tokens
         loss = torch.exp(-sigma[0]) * nll - 0.1 * ent + sigma[0] / 4

@@ -161,7 +161,29 @@ def scenario_real(out: str, hf_dir: str, tokens_path: str, export_dir: str, *lay
         torch.save(results, out)
 
 
-SCENARIOS = {"parity": scenario_parity, "train": scenario_train, "ckpt": scenario_ckpt, "real": scenario_real}
+def scenario_gpu(out: str, hf_dir: str, ckpt_dir: str) -> None:
+    """NCCL + Transformer Engine layer spec on one GPU: logits, a train step, and a checkpoint round trip."""
+    tokens = eval_tokens()
+    mbs = micro_batches()
+    num_tokens = sum(float(mb.mask.sum()) for mb in mbs)
+    cfg = make_cfg(hf_dir, parse_layout("1,1"))
+    ps = init_distributed(cfg)
+    assert ps.backend == "nccl" and ps.device.type == "cuda", (ps.backend, ps.device)
+    sigma = torch.nn.Parameter(torch.tensor([0.3]))
+    policy = build_policy(cfg, ps, extra_parameters=[sigma])
+    logits = policy.logits(tokens)
+    logp, entropy = policy.logp_entropy(tokens, micro_batch_size=2)
+    first = policy.train_step(mbs, make_loss_fn(sigma, num_tokens))
+    policy.save(ckpt_dir, {"step": 1})
+    second = policy.train_step(mbs, make_loss_fn(sigma, num_tokens))
+    extra = policy.load(ckpt_dir)
+    again = policy.train_step(mbs, make_loss_fn(sigma, num_tokens))
+    torch.save(dict(logits=logits, logp=logp, entropy=entropy, first=first, second=second, again=again,
+                    extra=extra), out)
+
+
+SCENARIOS = {"parity": scenario_parity, "train": scenario_train, "ckpt": scenario_ckpt, "real": scenario_real,
+             "gpu": scenario_gpu}
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing spawns writer processes
     scenario, out, *rest = sys.argv[1:]
