@@ -23,10 +23,10 @@ from megahybrid.parallel.init import init_distributed  # noqa: E402
 
 
 def parse_layout(text: str) -> dict:
-    """'tp,pp[,vpp][,dopt]' -> fields."""
+    """'tp,pp[,vpp][,dopt][,rc]' -> fields (rc = full activation recomputation)."""
     parts = text.split(",")
     vpp = int(parts[2]) if len(parts) > 2 and parts[2] not in ("", "-") else None
-    return dict(tp=int(parts[0]), pp=int(parts[1]), vpp=vpp, dopt="dopt" in parts)
+    return dict(tp=int(parts[0]), pp=int(parts[1]), vpp=vpp, dopt="dopt" in parts, recompute="rc" in parts)
 
 
 def make_cfg(hf_dir: str, layout: dict) -> RunConfig:
@@ -36,6 +36,7 @@ def make_cfg(hf_dir: str, layout: dict) -> RunConfig:
     cfg.parallel.pipeline_model_parallel_size = layout["pp"]
     cfg.parallel.virtual_pipeline_model_parallel_size = layout["vpp"]
     cfg.parallel.use_distributed_optimizer = layout["dopt"]
+    cfg.model.recompute_activations = layout.get("recompute", False)
     cfg.optim.lr = 1e-2
     cfg.optim.clip_grad = 0.0
     cfg.train.steps = 10
