@@ -51,11 +51,14 @@ class Policy:
                    for i in range(0, tokens.shape[0], micro_batch_size)]
         return batches + self._filler_batches(len(batches), batches[0])
 
-    def _filler_batches(self, count: int, like: Tensor) -> list[Tensor]:
-        """The interleaved (virtual pipeline) schedule needs at least PP micro-batches: all-padding fillers."""
-        if self.ps.vpp_size is None or count >= self.ps.pp_size:
+    def _filler_batches(self, count: int, like: Tensor | None) -> list[Tensor]:
+        """All-padding micro-batches so that every rank runs the schedule (and its gradient all-reduce) at least
+        once, and the interleaved (virtual pipeline) schedule gets the PP micro-batches it needs."""
+        needed = max(1, self.ps.pp_size if self.ps.vpp_size is not None else 1)
+        if count >= needed:
             return []
-        return [torch.zeros_like(like) for _ in range(self.ps.pp_size - count)]
+        like = torch.zeros(1, 2, dtype=torch.long, device=self.ps.device) if like is None else like
+        return [torch.zeros_like(like) for _ in range(needed - count)]
 
     def _broadcast_stacked(self, stacked: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         """A tensor computed on the last pipeline stage -> every stage (known shape)."""
@@ -78,6 +81,8 @@ class Policy:
         """No-grad pass. tokens `[S, T]` -> (logp, entropy) `[S, T]` float32 on CPU, on every rank;
         `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` at `temperature`, position 0 = 0."""
         num_seq, num_pos = tokens.shape
+        if num_seq == 0:
+            return torch.zeros(0, num_pos), torch.zeros(0, num_pos)
         batches = self._micro_token_batches(tokens, micro_batch_size)
 
         def head(i, model, hidden):
@@ -119,15 +124,15 @@ class Policy:
         `loss_fn(mb, logp, entropy) -> (loss_share, {metric: share})` runs on the last pipeline stage with
         differentiable `[S, T]` logp/entropy of `mb.tokens`; shares are already globally normalised, and the
         gradient is that of their SUM over micro-batches and data-parallel ranks. loss_fn must not communicate.
-        On GPU, micro-batches with a `.to(device=...)` method are moved to the policy's device first."""
+        On GPU, micro-batches with a `.to(device=...)` method are moved to the policy's device first.
+        A data-parallel rank may pass no micro-batches (it then contributes zero gradient but still takes part
+        in the collective reductions); all ranks of one model-parallel group must pass the same ones."""
         if not self.trainable:
             raise RuntimeError("train_step on a frozen policy (built with trainable=False / build_reference)")
-        if not micro_batches:
-            raise ValueError("train_step needs at least one micro-batch")
-        num_seq = max(int(mb.tokens.shape[0]) for mb in micro_batches)
-        num_pos = max(int(mb.tokens.shape[1]) for mb in micro_batches)
+        num_seq = max((int(mb.tokens.shape[0]) for mb in micro_batches), default=1)
+        num_pos = max((int(mb.tokens.shape[1]) for mb in micro_batches), default=2)
         batches = [step_lib.pad_tokens(mb.tokens.to(self.ps.device), num_seq, num_pos) for mb in micro_batches]
-        batches += self._filler_batches(len(batches), batches[0])
+        batches += self._filler_batches(len(batches), batches[0] if batches else None)
 
         def head(i, model, hidden):
             if i >= len(micro_batches):  # filler: no loss, but a graph for the schedule's backward

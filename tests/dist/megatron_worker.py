@@ -23,15 +23,22 @@ from megahybrid.parallel.init import init_distributed  # noqa: E402
 
 
 def parse_layout(text: str) -> dict:
-    """'tp,pp[,vpp][,dopt][,rc]' -> fields (rc = full activation recomputation)."""
+    """'tp,pp[,vpp][,dopt][,rc][,skew]' -> fields (rc = full activation recomputation, skew = data-parallel
+    rank 0 gets every micro-batch and the others none)."""
     parts = text.split(",")
     vpp = int(parts[2]) if len(parts) > 2 and parts[2] not in ("", "-") else None
-    return dict(tp=int(parts[0]), pp=int(parts[1]), vpp=vpp, dopt="dopt" in parts, recompute="rc" in parts)
+    return dict(tp=int(parts[0]), pp=int(parts[1]), vpp=vpp, dopt="dopt" in parts, recompute="rc" in parts,
+                skew="skew" in parts)
 
 
-def make_cfg(hf_dir: str, layout: dict) -> RunConfig:
+def make_cfg(hf_dir: str | None, layout: dict) -> RunConfig:
+    """hf_dir None = the seeded random init of a tiny Qwen2 described by the config alone."""
     cfg = RunConfig()
     cfg.model.hf_path = hf_dir
+    if hf_dir is None:
+        cfg.model.family, cfg.model.vocab_size, cfg.model.num_layers, cfg.model.tie_word_embeddings = \
+            "qwen2", 61, 4, False
+        cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.head_dim = 64, 4, 16
     cfg.parallel.tensor_model_parallel_size = layout["tp"]
     cfg.parallel.pipeline_model_parallel_size = layout["pp"]
     cfg.parallel.virtual_pipeline_model_parallel_size = layout["vpp"]
@@ -82,6 +89,14 @@ def scenario_parity(out: str, llama_dir: str, qwen_dir: str, export_dir: str) ->
             if text == "2,2":
                 policy.export_hf(f"{export_dir}/{family}")
             ps.destroy(keep_process_group=True)
+    for text in ("1,1", "2,2"):  # random init: the same model at every layout, exportable to HF
+        layout = parse_layout(text)
+        ps = init_distributed(make_cfg(None, layout))
+        policy = build_policy(make_cfg(None, layout), ps, trainable=False)
+        results[("random", text)] = gather_to_rank0((policy.logits(tokens),))
+        if text == "2,2":
+            policy.export_hf(f"{export_dir}/random")
+        ps.destroy(keep_process_group=True)
     if dist.get_rank() == 0:
         torch.save(results, out)
 
@@ -103,7 +118,7 @@ def scenario_train(out: str, models: str, *specs: str) -> None:
         ps = init_distributed(cfg)
         sigma = torch.nn.Parameter(torch.tensor([0.3]))
         policy = build_policy(cfg, ps, extra_parameters=[sigma])
-        mine = mbs[ps.dp_rank::ps.dp_size]
+        mine = (mbs if ps.dp_rank == 0 else []) if layout["skew"] else mbs[ps.dp_rank::ps.dp_size]
         first = policy.train_step(mine, make_loss_fn(sigma, num_tokens))
         grads = None if layout["dopt"] else hf_named_grads(policy)
         second = policy.train_step(mine, make_loss_fn(sigma, num_tokens))

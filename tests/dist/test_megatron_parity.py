@@ -1,7 +1,8 @@
 """Megatron GPTModel built by the converter == the transformers model, at TP1, TP2, PP2, TP2xPP2 and PP2 with
 virtual pipeline stages, for a tiny Llama (tied embeddings) and a tiny Qwen2 (QKV bias, untied head): logits
 (max abs diff <= 1e-4 in fp32), aligned log-probs and entropies vs a float64 log-softmax of the HF logits, the
-same answer on every rank, and HF -> Megatron (TP2xPP2) -> HF export bit-exact. One 4-rank torchrun launch."""
+same answer on every rank, and HF -> Megatron (TP2xPP2) -> HF export bit-exact. A random init from the config
+alone is the same model at TP1 and TP2xPP2 and exports to a loadable HF folder. One 4-rank torchrun launch."""
 import sys
 from pathlib import Path
 
@@ -67,3 +68,16 @@ def test_export_round_trip_is_bit_exact(parity, family):
     tokens = eval_tokens()
     with torch.no_grad():
         assert torch.equal(_hf(export / family)(tokens).logits, _hf(dirs[family])(tokens).logits)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(600)
+def test_random_init_is_layout_independent_and_exports(parity):
+    results, _, export = parity
+    tp1 = results[("random", "1,1")][0][0]
+    for (logits,) in results[("random", "2,2")]:
+        assert (logits - tp1).abs().max() <= 1e-5
+    with torch.no_grad():
+        hf_logits = _hf(export / "random")(eval_tokens()).logits
+    assert (hf_logits - tp1).abs().max() <= 1e-4
+    assert tp1.std() > 0

@@ -15,7 +15,6 @@ PROMPTS = ["What is 7 times 8?", "Name the capital of France.", "Write a haiku a
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    pytest.importorskip("gguf", reason="SmolLM2's GGUF needs the `gguf` package (see ENVIRONMENT.md)")
     from transformers import AutoTokenizer
 
     from megahybrid.model.smollm2 import smollm2_hf_dir

@@ -1,5 +1,6 @@
 """One optimizer step over 4 micro-batches with Megatron's schedules: TP2, PP2, PP2 x virtual stages, DP2, DP2
-with the distributed optimizer and TP2 with full activation recomputation give the loss, metrics, gradients and
+with the distributed optimizer, TP2 with full activation recomputation and DP2 where one rank has no
+micro-batches give the loss, metrics, gradients and
 global grad norm of the single-process run, and all of them equal the float64 transformers reference of the SUM of the loss shares (no 1/num_microbatches,
 no DP averaging). The learnable scalar passed as `extra_parameters` gets its gradient and update too.
 Then dist checkpoints: saved at TP2 after one step, loaded at PP2 and at TP1 (x DP2), the next steps equal the
@@ -14,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers, also under --import-m
 from megatron_cases import hf_reference_step, launch, micro_batches, tiny_hf_model  # noqa: E402
 
 FAMILIES = {"llama": True, "qwen2": False}
-MULTI = ["llama@2,1", "llama@1,2", "llama@1,1", "llama@1,1,-,dopt", "qwen2@2,1", "qwen2@1,2,2", "qwen2@2,1,-,rc"]
+MULTI = ["llama@2,1", "llama@1,2", "llama@1,1", "llama@1,1,-,dopt", "qwen2@2,1", "qwen2@1,2,2", "qwen2@2,1,-,rc",
+         "llama@1,1,-,skew"]
 SINGLE = ["llama@1,1", "qwen2@1,1"]
 
 
