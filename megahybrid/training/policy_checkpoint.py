@@ -2,7 +2,8 @@
 
 Checkpoint content: the model's sharded tensors (keys use global layer numbers, so a checkpoint saved at one
 TP/PP layout loads at another), the optimizer state in Megatron's reshardable format, the lr-scheduler state,
-and `extra_state` (any picklable dict; rank 0's copy is stored and returned to every rank on load).
+and `extra_state` (any picklable dict; global rank 0's copy is stored in `megahybrid_extra_state.pt` and returned
+to every rank on load).
 The writer runs in spawned processes: scripts that save need an `if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megahybrid.model.hf_io import HFCheckpointWriter
 
 _META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
          "singleton_local_shards": False}
+EXTRA_STATE_FILE = "megahybrid_extra_state.pt"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -95,9 +97,11 @@ def save_checkpoint(policy, directory: str, extra_state: dict[str, Any]) -> None
 
     os.makedirs(directory, exist_ok=True)
     dist.barrier()
-    state = sharded_state_dict(policy)
-    state["extra_state"] = extra_state
-    dist_checkpointing.save(state, directory)
+    dist_checkpointing.save(sharded_state_dict(policy), directory)
+    if dist.get_rank() == 0:
+        # Our own file, not dist_checkpointing's common state: that one is read back with torch.load's
+        # weights_only default, which rejects e.g. numpy RNG states.
+        torch.save(extra_state, os.path.join(directory, EXTRA_STATE_FILE))
     dist.barrier()
 
 
@@ -117,7 +121,8 @@ def load_checkpoint(policy, directory: str) -> dict[str, Any]:
             policy.optimizer.load_state_dict(loaded["optimizer"])
         policy.scheduler.load_state_dict(loaded["scheduler"])
     policy._sync_extra_parameters()
-    return loaded.get("extra_state", {})
+    extra_path = os.path.join(directory, EXTRA_STATE_FILE)
+    return torch.load(extra_path, weights_only=False) if os.path.exists(extra_path) else {}
 
 
 # ----------------------------------------------------------------------------------------------------- export

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -150,7 +151,7 @@ def scenario_ckpt(out: str, models: str, ckpt_root: str, *cases: str) -> None:
                 extra = policy.load(ckpt_dir)
             else:
                 steps.append(policy.train_step(mine, make_loss_fn(sigma, num_tokens)))
-                policy.save(ckpt_dir, {"step": 1, "data_position": [3, 4]})
+                policy.save(ckpt_dir, {"step": 1, "data_position": [3, 4], "numpy_rng": np.random.get_state()})
             for _ in range(2):
                 steps.append(policy.train_step(mine, make_loss_fn(sigma, num_tokens)))
             results[(case, text)] = dict(steps=steps, extra=extra, sigmas=gather_to_rank0(float(sigma)))

@@ -100,7 +100,9 @@ def ckpt(models, tmp_path_factory):
 def test_resume_at_other_layout_matches_uninterrupted(ckpt, case, layout):
     full = ckpt[(case, "2,1")]["steps"]  # steps 1, 2, 3 at TP2
     resumed = ckpt[(case, layout)]
-    assert resumed["extra"] == {"step": 1, "data_position": [3, 4]}
+    extra = resumed["extra"]
+    assert extra["step"] == 1 and extra["data_position"] == [3, 4]
+    assert extra["numpy_rng"][0] == "MT19937" and len(extra["numpy_rng"][1]) == 624  # any picklable state
     for got, want in zip(resumed["steps"], full[1:]):
         assert _close(got.loss, want.loss, 1e-6), (got.loss, want.loss)
         assert _close(got.grad_norm, want.grad_norm, 1e-5)
