@@ -152,13 +152,12 @@ class Policy:
         self.optimizer.zero_grad()
         payloads = step_lib.run_pipeline(self.chunks, batches, head, forward_only=False)
         updated, grad_norm, lr, num_zeros = step_lib.optimizer_step(self.optimizer, self.scheduler)
-        if not updated:
-            raise FloatingPointError("optimizer step skipped (inf/nan gradients)")
         self._sync_extra_parameters()
         loss, metrics = (step_lib.sum_payload_metrics(payloads, self.ps.dp_group)
                          if self.ps.is_last_stage else (0.0, {}))
         loss, metrics = step_lib.broadcast_from_last_stage((loss, metrics), self.ps.pp_group, self.ps.pp_size)
-        return step_lib.StepResult(loss=loss, metrics=metrics, grad_norm=grad_norm, lr=lr, num_zeros=num_zeros)
+        return step_lib.StepResult(loss=loss, metrics=metrics, grad_norm=grad_norm, lr=lr, num_zeros=num_zeros,
+                                   updated=updated)
 
     def _sync_extra_parameters(self) -> None:
         """Loss scalars are trained on the last stage; other stages receive their new values."""
@@ -173,6 +172,8 @@ class Policy:
         from megahybrid.training.policy_checkpoint import sharded_state_dict
 
         return sharded_state_dict(self, is_loading=is_loading)
+
+    state_dict_for_checkpoint = sharded_state_dict
 
     def save(self, directory: str, extra_state: dict[str, Any] | None = None) -> None:
         """Collective: write a dist_checkpointing checkpoint into `directory` (created if missing)."""

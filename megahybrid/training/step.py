@@ -35,6 +35,8 @@ class StepResult:
     lr: float = 0.0
     """Learning rate used by this step."""
     num_zeros: int | None = None
+    updated: bool = True
+    """False when the optimizer skipped the update (fp16 loss scaling found inf/nan gradients)."""
 
 
 def pad_tokens(tokens: Tensor, num_seq: int, num_pos: int, pad_id: int = 0) -> Tensor:

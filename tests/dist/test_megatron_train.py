@@ -54,6 +54,7 @@ def test_step_matches_float64_reference(runs, references, world, spec):
     res = runs[world - 1][spec]
     ref = references[spec.split("@")[0]]
     first = res["first"]
+    assert first.updated and res["second"].updated
     assert _close(first.loss, ref["loss"]), (first.loss, ref["loss"])
     assert _close(first.grad_norm, ref["grad_norm"]), (first.grad_norm, ref["grad_norm"])
     assert first.metrics.keys() == ref["metrics"].keys()
