@@ -37,9 +37,10 @@ class ModelConfig:
     vocab_size: int = 64
     """Tokenizer vocabulary size (before padding to a multiple of the tensor-parallel size)."""
     max_position_embeddings: int = 512
-    """Model context length in tokens (prompt + response must fit)."""
-    rotary_base: float = 10000.0
-    """RoPE theta (the SRFT 7B recipe raises it to 40,000)."""
+    """Model context length in tokens (prompt + response must fit); overrides the checkpoint's value."""
+    rotary_base: float | None = None
+    """RoPE theta; None = the checkpoint's (`hf_path`) value, else 10,000. A value here overrides the checkpoint
+    (the SRFT 7B recipe raises Qwen2.5-Math-7B's 10,000 to 40,000)."""
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = True
@@ -52,6 +53,10 @@ class ModelConfig:
     """Parameter dtype of the trained policy (CPU runs use float32)."""
     recompute_activations: bool = False
     """Full activation recomputation of each transformer layer (trades compute for memory on long sequences)."""
+
+    @property
+    def rope_theta(self) -> float:
+        return 10000.0 if self.rotary_base is None else float(self.rotary_base)
 
     @property
     def qkv_bias(self) -> bool:

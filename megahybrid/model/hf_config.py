@@ -50,8 +50,9 @@ def model_config_from_hf(hf_dir: str, base: ModelConfig) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", base.max_position_embeddings),
-        rotary_base=_rope_theta(hf, where), norm_epsilon=hf.get("rms_norm_eps", base.norm_epsilon),
+        # RoPE theta and context are run choices when the YAML sets them (SRFT raises both for Qwen2.5-Math-7B)
+        max_position_embeddings=base.max_position_embeddings,
+        rotary_base=_rope_theta(hf, where) if base.rotary_base is None else base.rotary_base, norm_epsilon=hf.get("rms_norm_eps", base.norm_epsilon),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), add_qkv_bias=family == "qwen2")
 
 
@@ -64,7 +65,7 @@ def hf_config_dict(m: ModelConfig) -> dict[str, Any]:
                   num_key_value_heads=m.num_query_groups, max_position_embeddings=m.max_position_embeddings,
                   initializer_range=m.init_method_std, rms_norm_eps=m.norm_epsilon,
                   tie_word_embeddings=m.tie_word_embeddings,
-                  rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
+                  rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
                   dtype=m.params_dtype)
     if m.family == "llama":
         if m.qkv_bias:

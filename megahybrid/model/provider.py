@@ -55,7 +55,7 @@ def _build_chunks(m: ModelConfig, cfg: RunConfig, use_gpu: bool, padded_vocab: i
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=m.tie_word_embeddings, position_embedding_type="rope",
-            rotary_base=m.rotary_base, parallel_output=True, vp_stage=stage)
+            rotary_base=m.rope_theta, parallel_output=True, vp_stage=stage)
         if use_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

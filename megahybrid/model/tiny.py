@@ -79,7 +79,7 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, tok: PreTrainedTokenizerFast):
         num_key_value_heads=cfg.num_query_groups, max_position_embeddings=cfg.max_position_embeddings,
         initializer_range=cfg.init_method_std, rms_norm_eps=cfg.norm_epsilon,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         dtype=cfg.params_dtype,
     )

@@ -172,3 +172,39 @@ def test_sigterm_saves_and_exits_zero_then_resume_skips_truncated_checkpoint(tmp
     assert f"ignoring incomplete checkpoint {newest}" in resumed.stderr
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{previous:06d}'}" in resumed.stderr
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 2))
+
+
+@pytest.mark.timeout(900)
+def test_curriculum_stages_start_from_the_previous_stage(tmp_path):
+    """SRL then GRPO (the srl_then_rlvr shape): stage 2 starts from stage 1's final weights; a re-run skips both."""
+    root = tmp_path / "curriculum"
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text(f"""
+base: {CONFIG}
+parallel: {{world_size: 1}}
+algorithm: {{name: srl, first_step: true}}
+data: {{train: "builtin:arith_steps", num_eval: 4}}
+reward: {{name: srl_similarity, eval_name: math}}
+rollout: {{n: 2}}
+train: {{prompts_per_step: 4, micro_batch_size: 6, run_dir: {root}}}
+logging: {{progress: false, tensorboard: false, plots: false}}
+stages:
+  - train: {{steps: 1, run_dir: {root / 's1'}}}
+  - algorithm: {{name: grpo}}
+    reward: {{name: math}}
+    data: {{train: "builtin:arith"}}
+    train: {{steps: 1, run_dir: {root / 's2'}}}
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "megahybrid", "train", str(cfg)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    s1, s2 = json.loads((root / "s1/final.json").read_text()), json.loads((root / "s2/final.json").read_text())
+    assert s1["steps"] == s2["steps"] == 1
+    import yaml
+
+    resolved = yaml.safe_load((root / "s2/config.yaml").read_text())
+    assert resolved["algorithm"]["name"] == "grpo" and resolved["reward"]["name"] == "math"
+    assert resolved["model"]["hf_path"] == str(root / "s1/weights")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert again.returncode == 0 and again.stderr.count("already finished") == 2, again.stderr[-2000:]

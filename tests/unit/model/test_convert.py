@@ -192,3 +192,16 @@ def test_gpu_paths_fail_clearly_without_cuda_or_te():
             spec.layer_spec(use_gpu=True)
     with pytest.raises(ValueError, match="params_dtype"):
         spec.transformer_config(dataclasses.replace(M, params_dtype="bfloat16"), cfg.parallel, use_gpu=False)
+
+
+def test_yaml_rope_theta_and_context_override_the_checkpoint(tmp_path):
+    """SRFT's recipe raises Qwen2.5-Math-7B's RoPE theta 10,000 -> 40,000 and its context 4,096 -> 16,384."""
+    m = dataclasses.replace(M, family="qwen2", add_qkv_bias=None, rotary_base=10000.0, head_dim=1,
+                            max_position_embeddings=4096)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(m)))
+    got = model_config_from_hf(str(tmp_path), ModelConfig(rotary_base=40000.0, max_position_embeddings=16384))
+    assert got.rotary_base == 40000.0 and got.max_position_embeddings == 16384
+    assert model_config_from_hf(str(tmp_path), ModelConfig()).rope_theta == 10000.0  # unset: the checkpoint's
+    exported = hf_config_dict(got)
+    assert exported["max_position_embeddings"] == 16384
+    assert (exported.get("rope_parameters") or {}).get("rope_theta", exported.get("rope_theta")) == 40000.0
