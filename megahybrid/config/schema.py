@@ -51,6 +51,9 @@ class ModelConfig:
     """Std of the normal init for random-init models."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the trained policy (CPU runs use float32)."""
+    logprob_impl: Literal["reference", "chunked", "triton", "te_fp8"] = "chunked"
+    """Token log-prob/entropy kernel behind the LM head (SPEC 5): chunked torch (CPU default), Triton, or
+    Transformer Engine FP8 GEMMs on Hopper; `reference` materialises the logits (tests only)."""
     recompute_activations: bool = False
     """Full activation recomputation of each transformer layer (trades compute for memory on long sequences)."""
 

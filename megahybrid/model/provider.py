@@ -146,7 +146,7 @@ def build_policy(cfg: RunConfig, ps: ParallelState, *, extra_parameters: Sequenc
     _attach_extra(chunks, list(extra_parameters), ps)
     head = HeadInfo(vocab_size=m.vocab_size, padded_vocab_size=padded_vocab, tp_rank=ps.tp_rank,
                     tp_size=ps.tp_size, tp_group=ps.tp_group, sequence_parallel=config.sequence_parallel,
-                    impl=getattr(cfg.model, "logprob_impl", "chunked"))
+                    impl=cfg.model.logprob_impl)
     if not trainable:
         for chunk in chunks:
             chunk.eval()
