@@ -33,8 +33,6 @@ from megahybrid.config.loader import ConfigError, deep_merge, from_dict, to_dict
 from megahybrid.config.schema import RunConfig
 
 GIB = 1 << 30
-GPU_MEMORY_GIB = 80.0
-"""Per-GPU memory the estimate is checked against (A100/H100 80 GB class); `launch.gpu_memory_gib` overrides."""
 RESERVE_GIB = 4.0
 """Our choice: CUDA context, NCCL buffers and allocator fragmentation on every GPU."""
 ENGINE_OVERHEAD_GIB = 2.0
@@ -193,7 +191,7 @@ def stage_configs(cfg: RunConfig, source: str = "<config>") -> list[RunConfig]:
 
 # ---------------------------------------------------------------------------------------------- checks
 def gpu_memory_gib(cfg: RunConfig) -> float:
-    return float(getattr(cfg.launch, "gpu_memory_gib", GPU_MEMORY_GIB))
+    return float(cfg.launch.gpu_memory_gib)
 
 
 def plan_problems(cfg: RunConfig) -> list[str]:

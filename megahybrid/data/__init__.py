@@ -16,7 +16,7 @@ def _builtin(task: str, cfg: DataConfig, split: str, seed: int) -> list[Example]
     if task in ("arith", "arith_steps"):
         from megahybrid.data.arith import generate_arith
 
-        style = "steps" if task == "arith_steps" else getattr(cfg, "demo_style", "short")
+        style = "steps" if task == "arith_steps" else cfg.demo_style
         return generate_arith(num, difficulty=cfg.difficulty, split=split, seed=seed, demo_style=style,
                               source=f"builtin:{task}")
     if task == "champ":
