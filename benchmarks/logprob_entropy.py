@@ -6,15 +6,25 @@ Variants (each in a FRESH subprocess, so its peak memory is its own):
   peer   cut-cross-entropy's torch.compile implementation (`linear_cross_entropy(..., impl="torch_compile")`);
          it returns the cross-entropy only (no entropy), so it does strictly less work than naive / ours.
 
+Two setups of the LM-head weight's gradient:
+  main_grad  as in Megatron training: the weight carries a preallocated fp32 `main_grad` buffer (Megatron DDP's
+             gradient buffer), allocated before the baseline memory is taken. naive and peer return an
+             ordinary autograd weight gradient, which is then added into main_grad and dropped
+             (`main_grad.add_(w.grad); w.grad = None`: what Megatron DDP's backward hook does for such layers);
+             ours accumulates into main_grad directly (accumulate_into_main_grad, auto-detected).
+  plain      no main_grad: every variant returns `w.grad` (informational).
+
 Peak memory = the process's RSS high-water mark (VmHWM, reset after the inputs exist) minus its RSS then, i.e.
 what the op itself adds on top of its inputs (gradients included). Time = median CPU time (time.process_time) of
 fwd+bwd with one torch thread: on a shared machine CPU time is what the code costs, while wall time mostly
-measures the neighbours (both are printed; ratios use CPU time).
+measures the neighbours (both are printed; ratios use CPU time). Variants run in turn, `--rounds` times, so slow
+phases of the machine hit all of them alike; the median is over every step of every round, the peak the largest.
 Shapes: N=4096, D=1024, V=32768 and N=1024, D=1024, V=151936 (Qwen2.5 vocabulary).
 
-    .venv/bin/python benchmarks/logprob_entropy.py [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/logprob_entropy.py [--rounds 2] [--repeats 2] [--threads 1]
 
-Last line: `logprob_entropy: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive> peer_time_ratio=<ours/peer>`
+The line before the last gives the plain setup's ratios. Last line (main_grad setup):
+`logprob_entropy: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive> peer_time_ratio=<ours/peer>`
 (the worse of the two shapes for each ratio).
 """
 from __future__ import annotations
@@ -32,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 SHAPES = [(4096, 1024, 32768), (1024, 1024, 151936)]
 VARIANTS = ("naive", "ours", "peer")
+SETUPS = ("plain", "main_grad")
 
 
 def _status_kib(field: str) -> int:
@@ -57,7 +68,7 @@ def _naive(h, w, targets):
 def _ours(h, w, targets):
     from megahybrid.kernels import token_logprob_entropy
 
-    out = token_logprob_entropy(h, w, targets)
+    out = token_logprob_entropy(h, w, targets)  # accumulate_into_main_grad: auto (w has main_grad or not)
     return out.logp, out.entropy
 
 
@@ -67,7 +78,7 @@ def _peer(h, w, targets):
     return -linear_cross_entropy(h, w, targets, impl="torch_compile", reduction="none"), None
 
 
-def child(variant: str, n: int, d: int, v: int, repeats: int) -> dict:
+def child(variant: str, setup: str, n: int, d: int, v: int, repeats: int) -> dict:
     import torch
 
     fn = {"naive": _naive, "ours": _ours, "peer": _peer}[variant]
@@ -76,12 +87,17 @@ def child(variant: str, n: int, d: int, v: int, repeats: int) -> dict:
     w = (torch.randn(v, d, generator=g) * 0.05).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g)
     g_logp, g_entropy = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    if setup == "main_grad":
+        w.main_grad = torch.zeros_like(w)  # Megatron DDP's preallocated fp32 gradient buffer
 
     def step():
         h.grad = w.grad = None
         logp, entropy = fn(h, w, targets)
         loss = (logp * g_logp).sum() + (0.0 if entropy is None else (entropy * g_entropy).sum())
         loss.backward()
+        if setup == "main_grad" and w.grad is not None:  # Megatron DDP's hook for a non-fused layer
+            w.main_grad.add_(w.grad)
+            w.grad = None
 
     if variant == "peer":  # torch.compile: compile once outside the memory and time window
         step()
@@ -95,44 +111,82 @@ def child(variant: str, n: int, d: int, v: int, repeats: int) -> dict:
         cpu.append(time.process_time() - start_cpu)
         wall.append(time.perf_counter() - start_wall)
     peak_kib = _status_kib("VmHWM")
-    return dict(peak_mb=(peak_kib - base_kib) / 1024, time_s=statistics.median(cpu), wall_s=statistics.median(wall))
+    return dict(peak_mb=(peak_kib - base_kib) / 1024, cpu_s=cpu, wall_s=wall)
 
 
-def run_variant(variant, shape, repeats, threads) -> dict:
+def run_variant(variant, setup, shape, repeats, threads) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--child", variant, *map(str, shape), "--repeats", str(repeats)]
+    cmd = [sys.executable, __file__, "--child", variant, setup, *map(str, shape), "--repeats", str(repeats)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"  {variant}: failed ({reason[:300]})", flush=True)
-        return dict(peak_mb=math.nan, time_s=math.nan, wall_s=math.nan)
+        print(f"  {variant} ({setup}): failed ({reason[:300]})", flush=True)
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(setup, shape, args) -> dict:
+    """{variant: {peak_mb, time_s, wall_s}} over `rounds` interleaved rounds."""
+    runs = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            res = run_variant(variant, setup, shape, args.repeats, args.threads)
+            if res is not None:
+                runs[variant].append(res)
+    out = {}
+    for variant, rs in runs.items():
+        if not rs:
+            out[variant] = dict(peak_mb=math.nan, time_s=math.nan, wall_s=math.nan)
+            continue
+        out[variant] = dict(peak_mb=max(r["peak_mb"] for r in rs),
+                            time_s=statistics.median(t for r in rs for t in r["cpu_s"]),
+                            wall_s=statistics.median(t for r in rs for t in r["wall_s"]))
+    return out
+
+
+def report(setup, args) -> dict:
+    worst = dict(mem=-math.inf, time=-math.inf, peer=-math.inf)
+    for shape in args.shapes:
+        res = measure(setup, shape, args)
+        n, d, v = shape
+        for name, r in res.items():
+            print(f"[{setup}] N={n} D={d} V={v} {name:5s}: peak_mem={r['peak_mb']:8.1f} MB  "
+                  f"cpu_time={r['time_s']:7.3f} s  wall={r['wall_s']:7.3f} s", flush=True)
+        mem = res["ours"]["peak_mb"] / res["naive"]["peak_mb"]
+        tim = res["ours"]["time_s"] / res["naive"]["time_s"]
+        peer = res["ours"]["time_s"] / res["peer"]["time_s"]
+        print(f"[{setup}] N={n} D={d} V={v} ratios: peak_mem_ratio={mem:.3f} time_ratio={tim:.3f} "
+              f"peer_time_ratio={peer:.3f} (peer peak_mem_ratio={res['ours']['peak_mb'] / res['peer']['peak_mb']:.3f})",
+              flush=True)
+        worst = dict(mem=_max_nan(worst["mem"], mem), time=_max_nan(worst["time"], tim),
+                     peer=_max_nan(worst["peer"], peer))
+    return worst
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every variant")
+    ap.add_argument("--repeats", type=int, default=2, help="timed fwd+bwd steps per variant process")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per variant (shared 2-core box: 1)")
-    ap.add_argument("--child", nargs=4, metavar=("VARIANT", "N", "D", "V"), help=argparse.SUPPRESS)
+    ap.add_argument("--shapes", type=_shapes, default=SHAPES, help="N,D,V[;N,D,V] (default: the two above)")
+    ap.add_argument("--child", nargs=5, metavar=("VARIANT", "SETUP", "N", "D", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], *map(int, args.child[1:]), args.repeats)))
+        print(json.dumps(child(args.child[0], args.child[1], *map(int, args.child[2:]), args.repeats)))
         return
-    worst = dict(mem=-math.inf, time=-math.inf, peer=-math.inf)
-    for shape in SHAPES:
-        res = {v: run_variant(v, shape, args.repeats, args.threads) for v in VARIANTS}
-        n, d, v = shape
-        for name, r in res.items():
-            print(f"N={n} D={d} V={v} {name:5s}: peak_mem={r['peak_mb']:8.1f} MB  cpu_time={r['time_s']:7.3f} s  "
-                  f"wall={r['wall_s']:7.3f} s", flush=True)
-        mem = res["ours"]["peak_mb"] / res["naive"]["peak_mb"]
-        tim = res["ours"]["time_s"] / res["naive"]["time_s"]
-        peer = res["ours"]["time_s"] / res["peer"]["time_s"]
-        print(f"N={n} D={d} V={v} ratios: peak_mem_ratio={mem:.3f} time_ratio={tim:.3f} peer_time_ratio={peer:.3f}"
-              f" (peer peak_mem_ratio={res['ours']['peak_mb'] / res['peer']['peak_mb']:.3f})", flush=True)
-        worst = dict(mem=max(worst["mem"], mem), time=max(worst["time"], tim), peer=_max_nan(worst["peer"], peer))
-    print(f"logprob_entropy: peak_mem_ratio={worst['mem']:.3f} time_ratio={worst['time']:.3f} "
-          f"peer_time_ratio={worst['peer']:.3f}")
+    print("setup plain: w.grad returned by every variant. setup main_grad: w.main_grad (fp32) preallocated "
+          "before the baseline; naive/peer add w.grad into it and drop it (Megatron DDP's hook); ours "
+          "accumulates into it (accumulate_into_main_grad)", flush=True)
+    worst = {setup: report(setup, args) for setup in SETUPS}
+    plain, fused = worst["plain"], worst["main_grad"]
+    print(f"logprob_entropy (plain, no main_grad; informational): peak_mem_ratio={plain['mem']:.3f} "
+          f"time_ratio={plain['time']:.3f} peer_time_ratio={plain['peer']:.3f}")
+    print(f"logprob_entropy: peak_mem_ratio={fused['mem']:.3f} time_ratio={fused['time']:.3f} "
+          f"peer_time_ratio={fused['peer']:.3f}")
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in part.split(",")) for part in text.split(";")]
 
 
 def _max_nan(a: float, b: float) -> float:

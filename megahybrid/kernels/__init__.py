@@ -17,6 +17,11 @@ per-shard partial gradients over `tp_group` itself). So do NOT also wrap `hidden
 hidden gradient itself (e.g. sequence parallelism, gathering `hidden` with a reduce-scatter backward), pass
 `reduce_hidden_grad=False` to get this rank's partial gradient instead. Weight gradients are always those of
 this rank's own shard.
+
+Weight-gradient accumulation fusion (`accumulate_into_main_grad`, fused_wgrad.py): when the weight carries a
+preallocated `main_grad` buffer (Megatron DDP's gradient buffer), the backward adds the weight gradient into it
+block by block instead of returning a `[V_local, D]` autograd gradient, and follows Megatron's contract with the
+DDP hook (`grad_added_to_main_grad`) so nothing is counted twice.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ class LogprobEntropy:
 def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int = 0,
                           vocab_size: int | None = None, temperature: float = 1.0, tp_group=None,
                           impl: str = "chunked", chunk_size: int | None = None,
-                          reduce_hidden_grad: bool = True) -> LogprobEntropy:
+                          reduce_hidden_grad: bool = True,
+                          accumulate_into_main_grad: bool | None = None) -> LogprobEntropy:
     """hidden [N, D]; weight = this rank's LM-head shard [V_local, D] holding global vocab ids
     [vocab_start, vocab_start + V_local); targets [N] global ids (may live in another rank's shard);
     vocab_size = true (unpadded) vocabulary size: rows with global id >= vocab_size are padding and excluded;
@@ -48,12 +54,16 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
     dtypes. chunk_size: tokens and vocabulary rows per block (None = a tuned default; te_fp8: tokens per chunk;
     triton: fixed 64 x 64 tiles).
     reduce_hidden_grad: all-reduce the hidden gradient over tp_group (see the module docstring).
+    accumulate_into_main_grad: True = backward adds the weight gradient into `weight.main_grad` (same shape;
+    any float dtype) and the weight's autograd gradient is None (or Megatron DDP's dummy, see fused_wgrad.py);
+    False = ordinary `weight.grad`; None (default) = True exactly when the weight has a `main_grad` attribute.
     """
     from megahybrid.kernels.inputs import check_inputs
 
     args = check_inputs(hidden, weight, targets, vocab_start=vocab_start, vocab_size=vocab_size,
                         temperature=temperature, tp_group=tp_group, chunk_size=chunk_size,
-                        reduce_hidden_grad=reduce_hidden_grad)
+                        reduce_hidden_grad=reduce_hidden_grad,
+                        accumulate_into_main_grad=accumulate_into_main_grad)
     if impl == "reference":
         from megahybrid.kernels.reference import reference_logprob_entropy as fn
     elif impl == "chunked":
@@ -64,6 +74,10 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
         from megahybrid.kernels.fp8 import fp8_logprob_entropy as fn
     else:
         raise ValueError(f"token_logprob_entropy: unknown impl={impl!r}; expected one of {', '.join(IMPLS)}")
+    if impl == "reference" and args.accumulate_into_main_grad and weight.requires_grad:
+        from megahybrid.kernels.fused_wgrad import GradIntoMainGrad
+
+        weight = GradIntoMainGrad.apply(weight)  # the oracle builds the whole gradient, then moves it
     logp, entropy, lse = fn(hidden, weight, targets, args)
     return LogprobEntropy(logp=logp, entropy=entropy, lse=lse)
 

@@ -1,9 +1,15 @@
-"""Pure-torch blocked backend (the CPU default): loops over [token, vocabulary] blocks with preallocated
+"""Pure-torch blocked backend (the CPU default): loops over [vocabulary, token] blocks with preallocated
 buffers; backward recomputes each block's logits. The math lives in function.py and vocab_parallel.py.
 
 Cost: 4 GEMMs of N x V x D (forward logits; backward: recomputed logits, grad_hidden, grad_weight) against the
-naive path's 3, paid for by never touching an [N, V] array: every elementwise pass runs on a cache-sized block,
-and 1/T and the -lse shift ride along inside the GEMMs (alpha / beta of addmm).
+naive path's 3, paid for by never touching an [N, V] array. What keeps the rest cheap:
+- every elementwise pass runs on one cache-sized block, in place in two preallocated buffers (`out=` ops);
+  1/T and the -lse shift ride along inside the GEMMs (alpha / beta of addmm);
+- vocabulary blocks are the outer loop: a weight block (and its weight-gradient rows) stays in cache while the
+  token blocks stream past, and the hidden states (N x D, smaller than V x D) are what gets re-read;
+- per-block softmax statistics go into small [blocks, N] tables merged once at the end, and the target (one-hot)
+  terms of the gradient are applied once outside the loop (a gather and an index_add), not per block;
+- with accumulate_into_main_grad the weight-gradient GEMMs accumulate straight into `weight.main_grad` rows.
 """
 from __future__ import annotations
 
@@ -11,13 +17,13 @@ import torch
 from torch import Tensor
 
 from megahybrid.kernels.function import Coefficients, apply
+from megahybrid.kernels.fused_wgrad import add_into
 from megahybrid.kernels.inputs import KernelArgs
-from megahybrid.kernels.vocab_parallel import merge_partials
 
-# Tokens and vocabulary rows per block: 512 x 2048 fp32 = 4 MiB per block buffer (two buffers). Block GEMMs at
-# D ~ 1k run as fast as one big GEMM (measured: benchmarks/logprob_entropy.py), so blocks only need to be large
-# enough to amortise the per-block Python overhead.
-DEFAULT_TOKEN_CHUNK = 512
+# Tokens x vocabulary rows per block (fp32: 2 MiB per block buffer, two buffers). Measured on the benchmark CPU
+# (benchmarks/README.md): 256-token blocks keep the block GEMMs at full speed while the elementwise passes stay in
+# the L2/L3 caches.
+DEFAULT_TOKEN_CHUNK = 256
 DEFAULT_VOCAB_CHUNK = 2048
 
 
@@ -26,75 +32,96 @@ def _block(buf: Tensor, n: int, v: int) -> Tensor:
     return buf[: n * v].view(n, v)
 
 
+def _ranges(total: int, step: int):
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
 class ChunkedBackend:
     @staticmethod
     def _blocks(args: KernelArgs, num_tokens: int):
         tok = args.chunk_size or DEFAULT_TOKEN_CHUNK
         voc = args.chunk_size or DEFAULT_VOCAB_CHUNK
-        return tok, voc, min(tok, num_tokens) * min(voc, max(args.num_valid, 1))
+        size = min(tok, num_tokens) * min(voc, max(args.num_valid, 1))
+        return _ranges(num_tokens, tok), _ranges(args.num_valid, voc), size
 
     def partials(self, hidden: Tensor, weight: Tensor, args: KernelArgs, dtype):
-        """Per-token partials (m, s, t) [N] over this shard's valid rows, one block at a time."""
+        """Per-token partials (m, s, t) [N] over this shard's valid rows (see vocab_parallel.py)."""
         num_tokens = hidden.shape[0]
-        tok_chunk, voc_chunk, size = self._blocks(args, num_tokens)
-        m = torch.full((num_tokens,), float("-inf"), dtype=dtype, device=hidden.device)
-        s, t = torch.zeros_like(m), torch.zeros_like(m)
+        tokens, vocab, size = self._blocks(args, num_tokens)
+        if not vocab or not tokens:
+            m = torch.full((num_tokens,), float("-inf"), dtype=dtype, device=hidden.device)
+            return m, torch.zeros_like(m), torch.zeros_like(m)
+        # Per-block (max, sum exp, sum exp * (z - max)) of every token, merged across blocks at the end.
+        cm, cs, ct = (torch.empty(len(vocab), num_tokens, dtype=dtype, device=hidden.device) for _ in range(3))
         zbuf, ebuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
         inv_t = 1.0 / args.temperature
-        for n0 in range(0, num_tokens, tok_chunk):
-            sl = slice(n0, n0 + tok_chunk)
-            h = hidden[sl].to(dtype)
-            part = (m[sl], s[sl], t[sl])
-            for v0 in range(0, args.num_valid, voc_chunk):
-                w = weight[v0:min(v0 + voc_chunk, args.num_valid)].to(dtype)
-                z = _block(zbuf, h.shape[0], w.shape[0]).addmm_(h, w.T, beta=0.0, alpha=inv_t)  # logits / T
-                cm = z.amax(1)
-                z.sub_(cm[:, None])  # z - max <= 0
-                e = torch.exp(z, out=_block(ebuf, h.shape[0], w.shape[0]))
-                ct = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]  # sum e * (z - m): a batched row dot
-                part = merge_partials(part, (cm, e.sum(1), ct))
-            m[sl], s[sl], t[sl] = part
+        for b, (v0, v1) in enumerate(vocab):
+            w = weight[v0:v1].to(dtype)
+            for n0, n1 in tokens:
+                z = _block(zbuf, n1 - n0, v1 - v0).addmm_(hidden[n0:n1].to(dtype), w.T, beta=0.0, alpha=inv_t)
+                top = torch.amax(z, 1, out=cm[b, n0:n1])
+                e = torch.exp(z.sub_(top[:, None]), out=_block(ebuf, n1 - n0, v1 - v0))  # z - max <= 0
+                torch.sum(e, 1, out=cs[b, n0:n1])
+                torch.bmm(e[:, None, :], z[:, :, None], out=ct[b, n0:n1].view(-1, 1, 1))  # row dots e . (z - max)
+        m = cm.amax(0)
+        shift = cm.sub_(m)  # <= 0
+        scale = torch.exp(shift)
+        s = (scale * cs).sum(0)
+        t = (scale * ct.addcmul_(shift, cs)).sum(0)  # t relative to the common max m
         return m, s, t
 
-    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w):
-        """Recompute each block's logits; accumulate (grad_hidden [N, D], grad_weight [V_local, D]).
+    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w,
+              main_grad=None):
+        """Recompute each block's logits; grad_hidden [N, D] and grad_weight [V_local, D] (or += into main_grad).
         The first block of each output row range is written with beta=0, so nothing is zero-filled twice."""
         dtype = coef.lse.dtype
         num_tokens = hidden.shape[0]
-        tok_chunk, voc_chunk, size = self._blocks(args, num_tokens)
+        tokens, vocab, size = self._blocks(args, num_tokens)
         inv_t = 1.0 / args.temperature
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        if need_h and args.num_valid == 0:
+        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w and main_grad is None \
+            else None
+        if grad_h is not None and not vocab:
             grad_h.zero_()
-        if need_w:
+        if grad_w is not None:
             grad_w[args.num_valid:].zero_()  # padding rows
-            if num_tokens == 0:
+            if not tokens:
                 grad_w.zero_()
         zbuf, pbuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
         neg_lse = -coef.lse
-        for n0 in range(0, num_tokens, tok_chunk):
-            sl = slice(n0, n0 + tok_chunk)
-            h = hidden[sl].to(dtype)
-            for v0 in range(0, args.num_valid, voc_chunk):
-                w = weight[v0:min(v0 + voc_chunk, args.num_valid)].to(dtype)
-                z = _block(zbuf, h.shape[0], w.shape[0])
-                z.copy_(neg_lse[sl, None].expand_as(z)).addmm_(h, w.T, alpha=inv_t)  # log p = z / T - lse
-                dz = torch.exp(z, out=_block(pbuf, h.shape[0], w.shape[0]))  # p
+        for v0, v1 in vocab:
+            w = weight[v0:v1].to(dtype)
+            for n0, n1 in tokens:
+                h = hidden[n0:n1].to(dtype)
+                z = torch.addmm(neg_lse[n0:n1, None], h, w.T, alpha=inv_t, out=_block(zbuf, n1 - n0, v1 - v0))
+                dz = torch.exp(z, out=_block(pbuf, n1 - n0, v1 - v0))  # p, with z = log p
                 if coef.slope is not None:  # dz = p * (offset + slope * log p)
-                    dz.mul_(torch.addcmul(coef.offset[sl, None], z, coef.slope[sl, None], out=z))
+                    dz.mul_(torch.addcmul(coef.offset[n0:n1, None], z, coef.slope[n0:n1, None], out=z))
                 else:
-                    dz.mul_(coef.offset[sl, None])
-                if coef.onehot is not None:
-                    col = coef.local_targets[sl] - v0
-                    rows = ((col >= 0) & (col < w.shape[0])).nonzero()[:, 0]
-                    dz.index_put_((rows, col[rows]), coef.onehot[sl][rows], accumulate=True)
-                if need_h:
-                    grad_h[sl].addmm_(dz, w, beta=0.0 if v0 == 0 else 1.0)
-                if need_w:
-                    grad_w[v0:v0 + w.shape[0]].addmm_(dz.T, h, beta=0.0 if n0 == 0 else 1.0)
+                    dz.mul_(coef.offset[n0:n1, None])
+                if grad_h is not None:
+                    grad_h[n0:n1].addmm_(dz, w, beta=0.0 if v0 == 0 else 1.0)
+                if main_grad is not None:
+                    add_into(main_grad[v0:v1], dz.T, h)
+                elif grad_w is not None:
+                    grad_w[v0:v1].addmm_(dz.T, h, beta=0.0 if n0 == 0 else 1.0)
+        self._add_target_terms(hidden, weight, coef, args, grad_h, main_grad if main_grad is not None else grad_w)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype))
+
+    @staticmethod
+    def _add_target_terms(hidden, weight, coef: Coefficients, args: KernelArgs, grad_h, grad_w) -> None:
+        """The one-hot part of dz (g_logp / T at each token's target logit), for all blocks at once:
+        grad_h[n] += c_n * W[target_n] and grad_w[target_n] += c_n * h[n], over tokens whose target is here."""
+        if coef.onehot is None:
+            return
+        local = coef.local_targets
+        rows = ((local >= 0) & (local < args.num_valid)).nonzero()[:, 0]
+        c = coef.onehot[rows, None]
+        if grad_h is not None:
+            grad_h.index_add_(0, rows, (weight[local[rows]] * c).to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.index_add_(0, local[rows], (hidden[rows] * c).to(grad_w.dtype))
 
 
 def chunked_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, args: KernelArgs):

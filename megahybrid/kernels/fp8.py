@@ -104,10 +104,12 @@ class TEFp8Backend:
                 m[sl], s[sl], t[sl] = merge_partials((m[sl], s[sl], t[sl]), (cm, e.sum(1), (e * z).sum(1)))
         return m, s, t
 
-    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w):
+    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w,
+              main_grad=None):
         dtype = coef.lse.dtype
         grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w and main_grad is None \
+            else None
         inputs_of = lambda h: [x for x, need in ((h, need_h), (self.head.weight, need_w)) if need]  # noqa: E731
         for n0 in range(0, hidden.shape[0], self.tok_chunk):
             sl = slice(n0, n0 + self.tok_chunk)
@@ -129,7 +131,9 @@ class TEFp8Backend:
             grads = iter(torch.autograd.grad(out, inputs_of(h), grad_outputs=dz.to(out.dtype)))
             if need_h:
                 grad_h[sl] = next(grads)[:n].to(dtype)
-            if need_w:
+            if main_grad is not None:
+                main_grad.add_(next(grads))  # per chunk: no [V_local, D] gradient of our own
+            elif need_w:
                 grad_w += next(grads).to(dtype)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype))

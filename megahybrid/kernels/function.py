@@ -2,8 +2,10 @@
 
 A backend supplies the two heavy loops over [token, vocabulary] blocks:
     partials(hidden, weight, args, dtype) -> (m, s, t)  [N] each, this shard's valid rows (vocab_parallel.py)
-    grads(hidden, weight, targets, coef, args, need_h, need_w) -> (grad_hidden [N, D] | None,
-                                                                   grad_weight [V_local, D] | None)
+    grads(hidden, weight, coef, args, need_h, need_w, main_grad) -> (grad_hidden [N, D] | None,
+                                                                    grad_weight [V_local, D] | None)
+where a `main_grad` tensor (accumulate_into_main_grad, fused_wgrad.py) means: add the weight gradient into it
+and return None for grad_weight.
 Everything else (target logits, the TP combine, gradient coefficients, the hidden-gradient all-reduce) is here.
 
 Gradient coefficients (SPEC.md section 5): with z = h.w / T, log p = z - lse and H the entropy,
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megahybrid.kernels.fused_wgrad import wgrad_after_fusion
 from megahybrid.kernels.inputs import KernelArgs
 from megahybrid.kernels.vocab_parallel import all_reduce_hidden_grad, combine_partials
 
@@ -80,10 +83,12 @@ class LogprobEntropyFunction(torch.autograd.Function):
         if (g_logp is None and g_entropy is None and g_lse is None) or not (need_h or need_w):
             return None, None, None, None, None
         coef = coefficients((g_logp, g_entropy, g_lse), entropy, lse, targets, args)
-        grad_h, grad_w = ctx.backend.grads(hidden, weight, coef, args, need_h, need_w)
+        fuse = need_w and args.accumulate_into_main_grad
+        grad_h, grad_w = ctx.backend.grads(hidden, weight, coef, args, need_h, need_w,
+                                           weight.main_grad if fuse else None)
         if grad_h is not None and args.reduce_hidden_grad:
             all_reduce_hidden_grad(grad_h, args.tp_group)
-        return grad_h, grad_w, None, None, None
+        return grad_h, wgrad_after_fusion(weight) if fuse else grad_w, None, None, None
 
 
 def apply(hidden: Tensor, weight: Tensor, targets: Tensor, args: KernelArgs, backend):

@@ -21,6 +21,8 @@ class KernelArgs:
     tp_group: object
     chunk_size: int | None
     reduce_hidden_grad: bool
+    accumulate_into_main_grad: bool = False
+    """Backward adds the weight gradient into `weight.main_grad` (see `fused_wgrad.py`) instead of returning it."""
 
 
 def _fail(msg: str) -> None:
@@ -28,7 +30,8 @@ def _fail(msg: str) -> None:
 
 
 def check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int, vocab_size: int | None,
-                 temperature: float, tp_group, chunk_size: int | None, reduce_hidden_grad: bool) -> KernelArgs:
+                 temperature: float, tp_group, chunk_size: int | None, reduce_hidden_grad: bool,
+                 accumulate_into_main_grad: bool | None = None) -> KernelArgs:
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
         _fail(f"expected hidden [N, D], weight [V_local, D], targets [N]; got {tuple(hidden.shape)}, "
               f"{tuple(weight.shape)}, {tuple(targets.shape)}")
@@ -60,4 +63,23 @@ def check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start
         _fail(f"target ids must be >= 0 (mask ignored positions after the op); got {int(targets.min())}")
     return KernelArgs(vocab_start=vocab_start, num_valid=num_valid, vocab_size=vocab_size,
                       temperature=float(temperature), tp_group=tp_group, chunk_size=chunk_size,
-                      reduce_hidden_grad=reduce_hidden_grad)
+                      reduce_hidden_grad=reduce_hidden_grad,
+                      accumulate_into_main_grad=_check_main_grad(weight, accumulate_into_main_grad))
+
+
+def _check_main_grad(weight: Tensor, accumulate: bool | None) -> bool:
+    """Resolve accumulate_into_main_grad (None = whenever the weight carries a `main_grad` buffer)."""
+    main_grad = getattr(weight, "main_grad", None)
+    if accumulate is None:
+        accumulate = main_grad is not None
+    if not accumulate:
+        return False
+    if main_grad is None:
+        _fail("accumulate_into_main_grad=True but the weight has no `main_grad` tensor (Megatron DDP's "
+              "preallocated gradient buffer); pass accumulate_into_main_grad=False (or None) to get weight.grad")
+    if not isinstance(main_grad, Tensor) or main_grad.shape != weight.shape or main_grad.device != weight.device \
+            or not main_grad.is_floating_point():
+        _fail(f"weight.main_grad must be a floating tensor shaped like the weight {tuple(weight.shape)} on "
+              f"{weight.device}; got {type(main_grad).__name__} "
+              f"{tuple(getattr(main_grad, 'shape', ()))} on {getattr(main_grad, 'device', None)}")
+    return True

@@ -58,12 +58,15 @@ class TritonBackend:
                                 BLOCK_V=self.block_v, BLOCK_D=self.block_d, PRECISION=_precision(hidden.dtype))
         return m, s, t
 
-    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w):
+    def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w,
+              main_grad=None):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         num_tokens, dim = hidden.shape
         zeros = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # The kernel's atomic adds accumulate on top of what GW holds: an fp32 contiguous main_grad is used as is.
+        direct = main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
+        grad_w = main_grad if direct else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if args.num_valid > 0 and num_tokens > 0:
             grid = (triton.cdiv(num_tokens, self.block_n), triton.cdiv(args.num_valid, self.block_v))
             K.grads_kernel[grid](
@@ -73,6 +76,10 @@ class TritonBackend:
                 grad_h, grad_w, num_tokens, args.num_valid, dim, hidden.stride(0), weight.stride(0),
                 1.0 / args.temperature, NEED_H=need_h, NEED_W=need_w, BLOCK_N=self.block_n,
                 BLOCK_V=self.block_v, BLOCK_D=self.block_d, PRECISION=_precision(hidden.dtype))
+        if main_grad is not None:
+            if not direct:
+                main_grad.add_(grad_w)
+            return (grad_h.to(hidden.dtype) if need_h else None), None
         return (grad_h.to(hidden.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None)
 
 

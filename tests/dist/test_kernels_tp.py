@@ -11,7 +11,7 @@ import pytest
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))  # the worker module, also under --import-mode=importlib
-from kernels_tp_worker import worker  # noqa: E402
+from kernels_tp_worker import megatron_ddp_worker, worker  # noqa: E402
 
 CASES = {
     2: [dict(num_tokens=11, dim=6, vocab_size=23, rows=12, temperature=0.7, chunk_size=5, seed=1)],
@@ -31,3 +31,10 @@ def test_tp_equals_tp1(world, tmp_path):
     if "triton" in IMPLS[world]:
         pytest.importorskip("triton", reason="the `triton` package (cpu extra) is not installed")
     mp.spawn(worker, args=(world, str(tmp_path / "store"), IMPLS[world], CASES[world]), nprocs=world, join=True)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_megatron_ddp_main_grad_counted_once(tmp_path):
+    """accumulate_into_main_grad inside real Megatron-Core DDP (TP=2, gloo): main_grad = reference gradient."""
+    mp.spawn(megatron_ddp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

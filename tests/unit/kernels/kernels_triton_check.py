@@ -39,6 +39,20 @@ def compare(case: Case, used=("logp", "entropy", "lse"), frozen_weight=False):
                 grad_hidden=rel(got_h, want_h), grad_weight=rel(got_w, want_w))
 
 
+def compare_main_grad(case: Case):
+    """accumulate_into_main_grad: the kernel's atomic adds go straight into an fp32 weight.main_grad."""
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(case.targets.shape[0], generator=g, dtype=torch.float64) for _ in range(3)]
+    _, _, want_w = run_op(token_logprob_entropy, case, torch.float64, grads, impl="reference")
+    w = case.weight.float().requires_grad_()
+    w.main_grad = torch.randn(w.shape, generator=g)
+    initial = w.main_grad.clone()
+    got = token_logprob_entropy(case.hidden.float(), w, case.targets, vocab_size=case.vocab_size,
+                                temperature=case.temperature, impl="triton", accumulate_into_main_grad=True)
+    sum((g * o).sum() for g, o in zip(grads, (got.logp, got.entropy, got.lse))).backward()
+    return dict(main_grad=rel(w.main_grad - initial, want_w), weight_grad_is_none=w.grad is None)
+
+
 def main():
     if "--no-interpret" in sys.argv:
         try:
@@ -60,6 +74,7 @@ def main():
         "entropy_only": compare(small, used=("entropy",)),
         "logp_only": compare(small, used=("logp",)),
         "frozen_weight": compare(small, frozen_weight=True),
+        "main_grad": compare_main_grad(small),
     }
     print(json.dumps(results))
 

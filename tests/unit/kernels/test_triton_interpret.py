@@ -27,7 +27,10 @@ def _run_helper(*flags):
 @pytest.mark.timeout(300)
 def test_triton_kernels_match_reference_in_interpreter():
     results = _run_helper()
-    assert set(results) == {"all_outputs", "small_random", "entropy_only", "logp_only", "frozen_weight"}
+    assert set(results) == {"all_outputs", "small_random", "entropy_only", "logp_only", "frozen_weight",
+                            "main_grad"}
+    fused = results.pop("main_grad")
+    assert fused["weight_grad_is_none"] and fused["main_grad"] <= 1e-5, f"accumulate_into_main_grad: {fused}"
     for case, errors in results.items():
         for name, err in errors.items():
             if case == "frozen_weight" and name == "grad_weight":
