@@ -51,3 +51,28 @@ def test_te_fp8_matches_reference_to_fp8_accuracy():
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, name
     assert torch.count_nonzero(got[4][vocab_size:]) == 0, "padding rows must get no gradient"
     assert (got[0] - want[0]).abs().max() > 1e-6, "te_fp8 agrees to fp32 precision: the FP8 GEMM did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_te_fp8_accumulates_into_main_grad():
+    """accumulate_into_main_grad on the FP8 path adds what the unfused FP8 path returns as weight.grad."""
+    _fp8_ready()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 128, generator=g).cuda().bfloat16()
+    weight = (torch.randn(256, 128, generator=g) * 128 ** -0.5).cuda().bfloat16()
+    targets = torch.randint(0, 256, (64,), generator=g).cuda()
+
+    def run(fused):
+        w = weight.clone().requires_grad_()
+        if fused:
+            w.main_grad = torch.ones(w.shape, device="cuda")
+        out = token_logprob_entropy(hidden, w, targets, impl="te_fp8", accumulate_into_main_grad=fused)
+        (out.logp.sum() + out.entropy.sum()).backward()
+        return w
+
+    plain, fused = run(False), run(True)
+    assert fused.grad is None
+    added = fused.main_grad - 1.0
+    rel = (added - plain.grad.float()).abs().max() / plain.grad.float().abs().max()
+    assert rel < 1e-2, f"fused FP8 weight gradient differs from the unfused one by {rel:.3g}"
