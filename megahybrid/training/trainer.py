@@ -82,6 +82,12 @@ class Trainer:
         t_step = time.perf_counter()
         plan = self.algo.plan(self.step)
         groups, metrics = self._collect_groups(plan)
+        if not groups:
+            # dynamic sampling kept no group within train.max_sample_rounds: no update this step (an optimizer
+            # step on zero gradients would still move Adam's weights)
+            metrics.update(plan.metrics)
+            metrics.update({"batch/skipped": 1.0, "time/step_s": time.perf_counter() - t_step})
+            return metrics
         mine, offset = shard_groups(groups, self.ps.dp_rank, self.ps.dp_size)
         batch = collate(mine, prompt_offset=offset, pad_id=self.pad_id)
         t0 = time.perf_counter()
@@ -140,7 +146,8 @@ class Trainer:
             kept += filter_groups(groups, self.algo.keep_sequences(light_batch(groups)))
             rounds += 1
         kept = kept[:want]
-        usable = len(kept) - len(kept) % self.ps.dp_size if len(kept) >= self.ps.dp_size else len(kept)
+        # whole groups per data-parallel rank, the same number on each (fewer than one per rank: nothing to train)
+        usable = len(kept) - len(kept) % self.ps.dp_size
         metrics["batch/sample_rounds"] = float(rounds)
         metrics["batch/prompts_generated"] = float(num_generated)
         metrics["batch/prompts_kept"] = float(usable)

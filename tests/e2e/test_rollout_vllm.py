@@ -140,19 +140,21 @@ def fault_during_generate(pool, sig: int, worker: int = 1) -> threading.Thread:
 
 def test_sigkill_worker_mid_generation(setup):
     pool, model_dir, tok, prompts, _ = setup
-    many = prompts * 4  # 24 prompts: 12 per worker
-    sp = SamplingOptions(max_new_tokens=48, seed=21)
-    ref = pool.generate(many, 2, sp)
+    # long enough (96 prompts x 4 samples x 112 tokens per call) that on an idle machine the kill still lands
+    # while the worker is generating, not after it already answered
+    many = prompts * 16
+    sp = SamplingOptions(max_new_tokens=112, seed=21)
+    ref = pool.generate(many, 4, sp)
     restarts = pool.num_restarts
     th = fault_during_generate(pool, signal.SIGKILL)
-    got = pool.generate(many, 2, sp)
+    got = pool.generate(many, 4, sp)
     th.join(timeout=5)
     assert th.fired and pool.num_restarts == restarts + 1
     assert len(got) == len(many) and tokens(got) == tokens(ref)  # each prompt answered once, in order
     # the restarted worker has the current weights (re-synced) and serves requests again
     pool.wait_ready()  # the restarted worker is re-synced (it lost the broadcast weights) ...
     assert pool.health()["states"] == ["idle", "idle"]
-    again = pool.generate(many, 2, sp)  # ... and serves its shard with them
+    again = pool.generate(many, 4, sp)  # ... and serves its shard with them
     assert tokens(again) == tokens(ref)
 
 
