@@ -31,8 +31,11 @@ def launch(world_size: int, argv: list[str], *, poll_s: float = 0.2) -> int:
     """Run `python -m megahybrid <argv>` as `world_size` ranks with torch.distributed env vars; return exit code."""
     port = free_port()
     procs: list[subprocess.Popen] = []
+    # one share of the cores per rank: torch's default (all cores in every rank) oversubscribes the CPU and
+    # OpenMP's spinning makes a 2-rank run on 2 cores several times slower
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        env = dict(os.environ, OMP_NUM_THREADS=threads, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "megahybrid", *argv], env=env))
 
