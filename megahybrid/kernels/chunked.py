@@ -20,12 +20,12 @@ from megahybrid.kernels.function import Coefficients, apply
 from megahybrid.kernels.fused_wgrad import add_into
 from megahybrid.kernels.inputs import KernelArgs
 
-# Tokens x vocabulary rows per block (fp32: 4 MiB per block buffer, two buffers). Measured on the benchmark CPU
-# (benchmarks/README.md): 512 x 2048 blocks ran the block GEMMs at 85-95 GFLOP/s (one big GEMM: ~75) and were the
-# fastest of 256-1024 x 512-2048 at both benchmark shapes, within the noise of the shared machine; the elementwise
-# passes (about 5% of the time) then work on an L3-sized block.
-DEFAULT_TOKEN_CHUNK = 512
-DEFAULT_VOCAB_CHUNK = 2048
+# Tokens x vocabulary rows per block (fp32: 2 MiB per block buffer, two buffers). Measured on the benchmark CPU
+# (benchmarks/README.md): block GEMMs of this size run at 85-95 GFLOP/s (one big N x V GEMM: ~75), and 1024 x 512
+# was the fastest of 256-1024 x 512-2048 at both benchmark shapes by a few percent (about the noise of the shared
+# machine); the elementwise passes (about 5% of the time) then work on an L3-sized block.
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 512
 
 
 def _block(buf: Tensor, n: int, v: int) -> Tensor:
@@ -56,14 +56,15 @@ class ChunkedBackend:
         cm, cs, ct = (torch.empty(len(vocab), num_tokens, dtype=dtype, device=hidden.device) for _ in range(3))
         zbuf, ebuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
         inv_t = 1.0 / args.temperature
+        hidden = hidden.to(dtype)  # once, not once per block (a no-op for fp32 / fp64 inputs)
         for b, (v0, v1) in enumerate(vocab):
             w = weight[v0:v1].to(dtype)
             for n0, n1 in tokens:
-                z = _block(zbuf, n1 - n0, v1 - v0).addmm_(hidden[n0:n1].to(dtype), w.T, beta=0.0, alpha=inv_t)
+                z = _block(zbuf, n1 - n0, v1 - v0).addmm_(hidden[n0:n1], w.T, beta=0.0, alpha=inv_t)
                 top = torch.amax(z, 1, out=cm[b, n0:n1])
                 e = torch.exp(z.sub_(top[:, None]), out=_block(ebuf, n1 - n0, v1 - v0))  # z - max <= 0
                 torch.sum(e, 1, out=cs[b, n0:n1])
-                torch.bmm(e[:, None, :], z[:, :, None], out=ct[b, n0:n1].view(-1, 1, 1))  # row dots e . (z - max)
+                ct[b, n0:n1] = torch.linalg.vecdot(e, z)  # row dots e . (z - max): one fused pass, unlike bmm
         m = cm.amax(0)
         shift = cm.sub_(m)  # <= 0
         scale = torch.exp(shift)
@@ -90,10 +91,11 @@ class ChunkedBackend:
                 grad_w.zero_()
         zbuf, pbuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
         neg_lse = -coef.lse
+        hid = hidden.to(dtype)
         for v0, v1 in vocab:
             w = weight[v0:v1].to(dtype)
             for n0, n1 in tokens:
-                h = hidden[n0:n1].to(dtype)
+                h = hid[n0:n1]
                 z = torch.addmm(neg_lse[n0:n1, None], h, w.T, alpha=inv_t, out=_block(zbuf, n1 - n0, v1 - v0))
                 dz = torch.exp(z, out=_block(pbuf, n1 - n0, v1 - v0))  # p, with z = log p
                 if coef.slope is not None:  # dz = p * (offset + slope * log p)
@@ -106,23 +108,26 @@ class ChunkedBackend:
                     add_into(main_grad[v0:v1], dz.T, h)
                 elif grad_w is not None:
                     grad_w[v0:v1].addmm_(dz.T, h, beta=0.0 if n0 == 0 else 1.0)
-        self._add_target_terms(hidden, weight, coef, args, grad_h, main_grad if main_grad is not None else grad_w)
+        self._add_target_terms(hid, weight, coef, args, tokens, grad_h,
+                               main_grad if main_grad is not None else grad_w)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype))
 
     @staticmethod
-    def _add_target_terms(hidden, weight, coef: Coefficients, args: KernelArgs, grad_h, grad_w) -> None:
-        """The one-hot part of dz (g_logp / T at each token's target logit), for all blocks at once:
-        grad_h[n] += c_n * W[target_n] and grad_w[target_n] += c_n * h[n], over tokens whose target is here."""
+    def _add_target_terms(hidden, weight, coef: Coefficients, args: KernelArgs, tokens, grad_h, grad_w) -> None:
+        """The one-hot part of dz (g_logp / T at each token's target logit), outside the block loop:
+        grad_h[n] += c_n * W[target_n] and grad_w[target_n] += c_n * h[n], over tokens whose target is here
+        (one token block at a time, so the gathered rows stay block-sized)."""
         if coef.onehot is None:
             return
-        local = coef.local_targets
-        rows = ((local >= 0) & (local < args.num_valid)).nonzero()[:, 0]
-        c = coef.onehot[rows, None]
-        if grad_h is not None:
-            grad_h.index_add_(0, rows, (weight[local[rows]] * c).to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w.index_add_(0, local[rows], (hidden[rows] * c).to(grad_w.dtype))
+        for n0, n1 in tokens:
+            local = coef.local_targets[n0:n1]
+            rows = ((local >= 0) & (local < args.num_valid)).nonzero()[:, 0]
+            c = coef.onehot[n0:n1][rows, None]
+            if grad_h is not None:
+                grad_h.index_add_(0, rows + n0, (weight[local[rows]] * c).to(grad_h.dtype))
+            if grad_w is not None:
+                grad_w.index_add_(0, local[rows], (hidden[n0:n1][rows] * c).to(grad_w.dtype))
 
 
 def chunked_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, args: KernelArgs):

@@ -26,6 +26,9 @@ from megahybrid.kernels.inputs import KernelArgs
 from megahybrid.kernels.vocab_parallel import all_reduce_hidden_grad, combine_partials
 
 
+TARGET_CHUNK = 1024  # tokens per gather of target rows of the weight
+
+
 @dataclass
 class Coefficients:
     """Per-token [N] coefficients of the block gradient (see the module docstring); None = term absent."""
@@ -41,8 +44,12 @@ def target_logits(hidden: Tensor, weight: Tensor, targets: Tensor, args: KernelA
     """Target logit z_tgt [N] (0 where the target is not among this shard's valid rows) and found [N] (0/1)."""
     local = targets.long() - args.vocab_start
     found = (local >= 0) & (local < args.num_valid)
-    rows = weight[local.clamp(0, max(args.num_valid - 1, 0))]  # [N, D]
-    z_tgt = (hidden.to(dtype) * rows.to(dtype)).sum(-1) / args.temperature
+    rows = local.clamp(0, max(args.num_valid - 1, 0))
+    z_tgt = torch.empty(targets.shape, dtype=dtype, device=hidden.device)
+    for n0 in range(0, targets.shape[0], TARGET_CHUNK):  # gathered weight rows stay [TARGET_CHUNK, D]
+        sl = slice(n0, n0 + TARGET_CHUNK)
+        z_tgt[sl] = torch.linalg.vecdot(hidden[sl].to(dtype), weight[rows[sl]].to(dtype))
+    z_tgt = z_tgt / args.temperature
     return torch.where(found, z_tgt, torch.zeros_like(z_tgt)), found.to(dtype)
 
 

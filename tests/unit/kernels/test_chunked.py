@@ -113,3 +113,16 @@ def test_shape_and_target_errors():
         token_logprob_entropy(torch.randn(2, 3), torch.randn(8, 3), torch.tensor([1, 8]))
     with pytest.raises(ValueError, match=">= 0"):
         token_logprob_entropy(torch.randn(2, 3), torch.randn(8, 3), torch.tensor([1, -100]))
+
+
+@pytest.mark.timeout(60)
+def test_default_blocks_with_more_tokens_than_a_block():
+    """chunk_size=None (the tuned default blocks) with N past one token block and V past one vocabulary block."""
+    g = torch.Generator().manual_seed(12)
+    case = random_case(12)
+    case.hidden = torch.randn(1100, 8, generator=g, dtype=torch.float64)
+    case.weight = torch.randn(700, 8, generator=g, dtype=torch.float64)
+    case.targets = torch.randint(0, 690, (1100,), generator=g)
+    case.vocab_size, case.chunk_size = 690, None
+    grads = [torch.randn(1100, generator=g, dtype=torch.float64) for _ in range(3)]
+    _compare(case, grads, torch.float32, 1e-5)
