@@ -89,7 +89,7 @@ def build_slurm_executor(cfg: RunConfig, cluster: ClusterProfile, home: Path, en
         # launch_node.sh and the ranks, and launch_node.sh requeues after the checkpoint.
         signal=f"USR1@{launch.preempt_signal_s}",
         additional_parameters={"requeue": True},
-        srun_args=["--kill-on-bad-exit=1"],
+        # srun --kill-on-bad-exit=1 (one rank's failure ends the job) is NeMo-Run's default; the dryrun test checks it.
         container_image=cluster.container_image or None,
         container_mounts=[f"{REPO}:{REPO}", *cluster.container_mounts] if cluster.container_image else [],
         job_name_prefix=f"{title}.",
@@ -170,7 +170,11 @@ def launch(config: str, overrides: list[str], cfg: RunConfig, cluster: ClusterPr
     with run.Experiment(title, executor=executor, log_level="WARN") as exp:
         exp.add(build_task(config, overrides), name="train")
         if opts.dryrun:
-            exp.dryrun()
+            # Print the script ourselves, unwrapped: NeMo-Run's own dryrun log goes through a rich console that
+            # wraps long srun lines at the terminal width, so the printed script could not be copied and run.
+            exp.dryrun(log=False)
+            for job in exp.jobs:
+                print(f"# NeMo-Run task {job.id}: what would be submitted\n{job._dryrun_info!r}", flush=True)
             return 0
         exp.run(detach=opts.executor == "slurm", tail_logs=False)
         exp_id, handle, job_dir = exp._id, exp.jobs[0].handle, exp.jobs[0].executor.job_dir
