@@ -95,6 +95,9 @@ class StepPlan:
     """Generate rollouts this step (False for SFT-only steps: no engine time is spent)."""
     demos: bool = False
     """Put the prompts' demonstrations into the batch."""
+    old_logp: bool = True
+    """Run the no-grad pass for old log-probs / entropies before `prepare` (False: nothing of this step reads them,
+    e.g. SASR's SFT steps; the pass costs a forward over the whole batch)."""
     kind: str = "rl"
     """A short label of the step type for logs (`sft`, `rl`, `hybrid`)."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -111,7 +114,8 @@ class Algorithm(abc.ABC):
     needs_rollouts: ClassVar[bool] = True
     """The method uses policy rollouts (a rollout pool is needed)."""
     needs_old_logp: ClassVar[bool] = True
-    """The method needs the no-grad pass for old log-probs / entropies before `prepare`."""
+    """The method needs the no-grad pass for old log-probs / entropies before `prepare` (the default of
+    `StepPlan.old_logp`; a method whose step types differ sets it per step in `plan`)."""
 
     def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1):
         self.cfg = cfg
@@ -130,7 +134,7 @@ class Algorithm(abc.ABC):
         return self.cfg.kl_coef > 0
 
     def plan(self, step: int) -> StepPlan:
-        return StepPlan(step=step, rollouts=self.needs_rollouts, demos=self.needs_demos,
+        return StepPlan(step=step, rollouts=self.needs_rollouts, demos=self.needs_demos, old_logp=self.needs_old_logp,
                         kind="sft" if not self.needs_rollouts else ("hybrid" if self.needs_demos else "rl"))
 
     def keep_sequences(self, batch: Batch) -> Tensor:

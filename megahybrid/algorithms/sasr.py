@@ -124,7 +124,8 @@ class SASR(Algorithm):
             is_sft = p >= 1.0
         else:
             is_sft = step_uniform(self.seed, step) < p  # strict: SPEC 9
-        return StepPlan(step=step, rollouts=not is_sft, demos=is_sft, kind="sft" if is_sft else "rl",
+        return StepPlan(step=step, rollouts=not is_sft, demos=is_sft, old_logp=not is_sft,
+                        kind="sft" if is_sft else "rl",
                         metrics={"sasr/p": p, "sasr/is_sft": float(is_sft)})
 
     def after_step(self, plan: StepPlan, grad_norm: float) -> dict[str, float]:

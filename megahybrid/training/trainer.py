@@ -1,5 +1,5 @@
 """The training loop. It reads like the algorithm; it never branches on a method's name, only on the
-declarations of `Algorithm` (needs_ref, needs_old_logp, plan.rollouts, plan.demos).
+declarations of `Algorithm` (needs_ref, plan.old_logp, plan.rollouts, plan.demos).
 
 Per step:  plan -> prompts -> rollouts + rewards (rank 0, skipped for SFT-only steps) -> demos -> dynamic sampling
 -> this rank's whole groups -> old log-probs/entropies (+ reference) -> algorithm.prepare -> all-reduce stats ->
@@ -156,7 +156,7 @@ class Trainer:
 
     def _fill_old_logp(self, batch: Batch, plan: StepPlan) -> None:
         temp, mbs = self.cfg.rollout.temperature, self.cfg.train.micro_batch_size
-        if self.algo.needs_old_logp:
+        if plan.old_logp:
             batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, temperature=temp,
                                                                          micro_batch_size=mbs)
         if self.reference is not None:

@@ -1,6 +1,7 @@
 """Every registered method (SPEC 4) against the loop re-statement of algo_reference: loss value and gradients
 (w.r.t. logp, entropy and SuperRL's log-sigmas), for every aggregation mode and for the same global batch split
 1x4, 2x2 and 4x1 (micro-batches x simulated data-parallel ranks); plus gradcheck and the edge cases of SPEC 9."""
+import dataclasses
 import math
 
 import pytest
@@ -249,3 +250,27 @@ def test_missing_inputs_raise_clear_errors():
     batch.ref_logp = None
     with pytest.raises(ValueError, match="ref_logp"):
         run_split(make_algo("sft_kl"), batch, logp, entropy)
+
+
+SKIPS_OLD_LOGP = [c for c in CASES if c[0] in ("sft", "sft_kl") or c[2] is SFT_PLAN]
+
+
+@pytest.mark.parametrize("name,overrides,plan", SKIPS_OLD_LOGP, ids=[c[0] for c in SKIPS_OLD_LOGP])
+def test_steps_that_skip_the_old_logp_pass_never_read_it(name, overrides, plan):
+    """The trainer runs the old-logp pass only where `plan.old_logp` says so (SFT, and SASR's SFT steps skip it):
+    such a step must compute the same loss from a batch that has no old_logp / old_entropy at all."""
+    algo = make_algo(name, **overrides)
+    plan = algo.plan(0)  # SASR: a warm-up step, i.e. SFT
+    assert plan.kind == "sft" and not plan.old_logp
+    batch, logp, entropy = make_batch(seed=11)
+    bare = dataclasses.replace(batch, old_logp=None, old_entropy=None)
+    loss_bare = run_split(algo, bare, logp, entropy, plan, ranks=2, micro=2)[0]
+    loss_full = run_split(algo, batch, logp, entropy, plan, ranks=2, micro=2)[0]
+    assert float(loss_bare.detach()) == pytest.approx(float(loss_full.detach()), abs=1e-12)
+
+
+def test_sasr_plans_the_old_logp_pass_for_grpo_steps_only():
+    algo = make_algo("sasr", schedule="ssr", warmup_steps=2)
+    plans = [algo.plan(s) for s in range(6)]
+    assert [p.kind for p in plans] == ["sft", "sft", "sft", "rl", "sft", "rl"]
+    assert [p.old_logp for p in plans] == [p.kind == "rl" for p in plans]
