@@ -28,9 +28,10 @@ SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.num_eval=4", "train.mi
 pytestmark = pytest.mark.e2e
 
 
-def launcher(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def launcher(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 300,
+             columns: int = 300) -> subprocess.CompletedProcess:
     bindir = str(Path(sys.executable).parent)
-    full_env = {**(env or os.environ), "NEMORUN_HOME": str(tmp_path / "nemo_home"), "COLUMNS": "300",
+    full_env = {**(env or os.environ), "NEMORUN_HOME": str(tmp_path / "nemo_home"), "COLUMNS": str(columns),
                 "MEGAHYBRID_PYTHON": sys.executable, "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, LAUNCH, *args], cwd=tmp_path, env=full_env, capture_output=True,
@@ -41,7 +42,7 @@ def launcher(tmp_path: Path, *args: str, env: dict | None = None, timeout: float
 def test_dryrun_prints_the_sbatch_script_built_from_the_yaml(tmp_path):
     env = {**os.environ, "MEGAHYBRID_PARTITION": "gpu-long", "MEGAHYBRID_ACCOUNT": "proj42"}
     env.pop("MEGAHYBRID_CONTAINER", None)
-    proc = launcher(tmp_path, str(ROOT / "configs/srft_7b.yaml"), "train.steps=3", "--dryrun", env=env)
+    proc = launcher(tmp_path, str(ROOT / "configs/srft_7b.yaml"), "train.steps=3", "--dryrun", env=env, columns=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "trainer: 32 GPUs = TP 2 x PP 1 x DP 16" in out  # the layout is printed first
@@ -50,7 +51,8 @@ def test_dryrun_prints_the_sbatch_script_built_from_the_yaml(tmp_path):
                  "#SBATCH --partition=gpu-long", "#SBATCH --account=proj42"):
         assert re.search(rf"^\s*{re.escape(line)}\s*$", out, re.M), line
     assert "--kill-on-bad-exit=1" in out and "--container-image" not in out
-    assert f"bash {ROOT}/slurm/launch_node.sh {ROOT}/configs/srft_7b.yaml train.steps=3" in out
+    # one unwrapped line at an 80-column terminal, so the printed script can be copied and submitted
+    assert f"bash {ROOT}/slurm/launch_node.sh {ROOT}/configs/srft_7b.yaml train.steps=3\n" in out
     assert f"export MEGAHYBRID_HOME={ROOT}" in out
     assert "Submitted" not in out and "submitted Slurm job" not in out
 
