@@ -155,7 +155,8 @@ class AlgorithmConfig:
 @dataclass
 class DataConfig:
     train: str = "builtin:arith"
-    """Training data: a JSONL/Parquet path, or `builtin:<task>` (arith, arith_steps, champ, knights_knaves, gsm_symbolic)."""
+    """Training data: a JSONL/Parquet path, or `builtin:<task>` (arith, arith_steps, champ); reasoning-gym tasks
+    (knights_knaves, gsm_symbolic) are files made with `megahybrid data make`."""
     eval: str | None = None
     """Held-out data (same forms); None = the builtin task's held-out split."""
     format: Literal["auto", "jsonl", "parquet", "openr1"] = "auto"
@@ -182,9 +183,9 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    name: Literal["math", "srl_similarity", "exact"] = "math"
-    """Reward function (SPEC 6)."""
-    eval_name: Literal["math", "srl_similarity", "exact"] | None = None
+    name: Literal["math", "srl_similarity", "exact", "kk"] = "math"
+    """Reward function (SPEC 6; `kk`: Knights-and-Knaves assignments, order-insensitive)."""
+    eval_name: Literal["math", "srl_similarity", "exact", "kk"] | None = None
     """Reward of the held-out evaluation (None = `name`); e.g. SRL trains on step similarity and is evaluated on
     final answers (`math`)."""
     format_coef: float = 0.0

@@ -1,5 +1,5 @@
-"""The reward functions (SPEC 4.6, 6). `math` and `srl_similarity` run in RewardPool's worker processes; `exact`
-and `format` are linear-time string checks that are safe to run in-process.
+"""The reward functions (SPEC 4.6, 6). `math` and `srl_similarity` run in RewardPool's worker processes; `exact`,
+`kk` and `format` are linear-time string checks that are safe to run in-process.
 
 Model text is data: it reaches Math-Verify's LaTeX parser (which builds SymPy objects from a grammar), never
 `eval`, `exec`, `sympify`/`parse_expr` of raw strings, or a shell.
@@ -14,6 +14,13 @@ from megahybrid.rewards.extract import extract_action, extract_answer, has_think
 MAX_ANSWER_CHARS = 4096
 """Longer extracted answers are not parsed (score 0): no ground truth is that long."""
 _INT = re.compile(r"-?\d{1,64}")
+REWARD_NAMES = ("math", "srl_similarity", "exact", "kk")
+"""Every `reward.name` / `reward.eval_name` (config/schema.py spells the same choices as a Literal)."""
+KK_ROLES = frozenset({"knight", "knave", "pioneer", "laggard", "saint", "sinner", "hero", "villain", "angel", "devil",
+                      "altruist", "egoist", "sage", "fool"})
+"""Role words of reasoning-gym 0.1.25's knights_knaves puzzles (its KNIGHT_KNAVE_PAIRS; a test checks they agree)."""
+_KK_FILLER = frozenset({"is", "a", "an", "and"})
+_KK_PUNCT = str.maketrans({c: " " for c in ".,;:!\"()"})
 
 
 def _latex(answer: str):
@@ -56,6 +63,30 @@ def exact_reward(response: str, reference: str) -> float:
     return float(a == b)
 
 
+def kk_assignment(text: str) -> dict[str, str] | None:
+    """`Emma is a knight, and Liam is a knave` -> {"emma": "knight", "liam": "knave"} (case, punctuation, `is`,
+    `a`/`an` and `and` ignored); None unless the rest alternates name, role word with each name once."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    words = [w for w in text.lower().translate(_KK_PUNCT).split() if w not in _KK_FILLER]
+    if not words or len(words) % 2:
+        return None
+    out: dict[str, str] = {}
+    for name, role in zip(words[::2], words[1::2]):
+        if name in KK_ROLES or role not in KK_ROLES or name in out:
+            return None
+        out[name] = role
+    return out
+
+
+def kk_reward(response: str, reference: str) -> float:
+    """Knights-and-Knaves: 1 if the extracted answer assigns every reference person the reference role (any order),
+    else 0 (a malformed answer included). Like reasoning-gym's scorer at 1.0, without its partial credit."""
+    answer = extract_answer(response)
+    got = None if answer is None else kk_assignment(answer)
+    return float(got is not None and got == kk_assignment(reference))
+
+
 def srl_similarity(response: str, expert_step: str, *, require_think: bool = True) -> float:
     """SPEC 4.6: difflib ratio (2M/T) of the action vs the expert step; -1 for a bad format or empty action."""
     action = extract_action(response, require_think=require_think)
@@ -77,4 +108,6 @@ def run_check(name: str, response: str, reference: str, opts: dict) -> float:
         return srl_similarity(response, reference, require_think=opts.get("require_think", True))
     if name == "exact":
         return exact_reward(response, reference)
-    raise ValueError(f"reward.name: expected math, srl_similarity or exact, got {name!r}")
+    if name == "kk":
+        return kk_reward(response, reference)
+    raise ValueError(f"reward.name: expected one of {', '.join(REWARD_NAMES)}, got {name!r}")

@@ -15,10 +15,10 @@ from multiprocessing.connection import Connection, wait
 from subprocess import Popen
 
 from megahybrid.config.schema import RewardConfig
-from megahybrid.rewards.functions import exact_reward, format_reward
+from megahybrid.rewards.functions import REWARD_NAMES, exact_reward, format_reward, kk_reward
 from megahybrid.rewards.subproc import WorkerPoolBase, kill_worker, spawn_worker
 
-IN_PROCESS = {"exact": exact_reward}
+IN_PROCESS = {"exact": exact_reward, "kk": kk_reward}
 """Rewards cheap and safe enough to run in the caller (linear string checks, no SymPy)."""
 
 
@@ -53,8 +53,8 @@ class RewardPool(WorkerPoolBase):
 
     def __init__(self, cfg: RewardConfig, *, srl_require_think: bool = True, think_opened_in_prompt: bool = False,
                  grace_s: float = 2.0, start_timeout_s: float = 120.0):
-        if cfg.name not in ("math", "srl_similarity", "exact"):
-            raise ValueError(f"reward.name: expected math, srl_similarity or exact, got {cfg.name!r}")
+        if cfg.name not in REWARD_NAMES:
+            raise ValueError(f"reward.name: expected one of {', '.join(REWARD_NAMES)}, got {cfg.name!r}")
         if cfg.timeout_s <= 0:
             raise ValueError(f"reward.timeout_s: expected > 0, got {cfg.timeout_s}")
         self.cfg, self.grace_s, self.start_timeout_s = cfg, grace_s, start_timeout_s
