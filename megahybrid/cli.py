@@ -1,6 +1,7 @@
-"""`megahybrid` command line: config check, train, eval, compare, plan.
+"""`megahybrid` command line: config check, train, eval, compare, plan, data make.
 
-Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file).
+Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file); bad
+`data make` arguments exit with code 2 and a line naming the option.
 """
 from __future__ import annotations
 
@@ -51,6 +52,41 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_in(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high]; argparse reports a bad one with the option's name, exit code 2."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value}")
+        return value
+    return parse
+
+
+def _data_make(args: argparse.Namespace) -> int:
+    from megahybrid.data import gym
+    from megahybrid.data.loaders import write_jsonl
+
+    if args.task == "knights_knaves":
+        low, high = args.min_people or 3, args.max_people or 7  # SASR section 4.2's training range
+        if low > high:
+            print(f"megahybrid data make: error: --min-people {low} is above --max-people {high}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        examples = gym.generate_knights_knaves(args.num, min_people=low, max_people=high, seed=args.seed)
+    else:
+        if args.min_people is not None or args.max_people is not None:
+            print(f"megahybrid data make: error: --min-people/--max-people apply to knights_knaves, not {args.task}",
+                  file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        examples = gym.generate_gsm_symbolic(args.num, seed=args.seed)
+    count = write_jsonl(examples, args.out)
+    print(f"wrote {count} {args.task} records to {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megahybrid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: newest)")
     add("compare", _compare, "run several methods with the same budget and write comparison.md + plots")
     add("plan", _plan, "print the parallel layout and per-GPU memory estimate of a config")
+
+    from megahybrid.data.gym import MAX_PEOPLE, TASKS
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    make = data_sub.add_parser("make", help="write reasoning-gym problems as JSONL (needs megahybrid[gym])")
+    make.add_argument("task", choices=TASKS)
+    make.add_argument("--out", required=True, help="JSONL file to write (replaced atomically)")
+    make.add_argument("--num", type=_int_in(1), default=1000, help="number of problems (default 1000)")
+    make.add_argument("--seed", type=_int_in(0), default=0, help="generator seed (default 0)")
+    make.add_argument("--min-people", type=_int_in(2, MAX_PEOPLE), help="knights_knaves: fewest people (default 3)")
+    make.add_argument("--max-people", type=_int_in(2, MAX_PEOPLE), help="knights_knaves: most people (default 7)")
+    make.set_defaults(fn=_data_make)
     return parser
 
 

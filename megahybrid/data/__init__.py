@@ -8,7 +8,8 @@ from megahybrid.config.schema import DataConfig
 from megahybrid.data.records import DataError, Example, LoadStats
 
 BUILTIN_TASKS = ("arith", "arith_steps", "champ")
-"""Builtin tasks available in this build (reasoning-gym adapters are not included: the package is not installed)."""
+"""Builtin tasks generated in memory. reasoning-gym's knights_knaves / gsm_symbolic are written to JSONL files
+instead (`megahybrid data make TASK --out FILE`), so that train and eval files are fixed and inspectable."""
 
 
 def _builtin(task: str, cfg: DataConfig, split: str, seed: int) -> list[Example]:
@@ -24,7 +25,7 @@ def _builtin(task: str, cfg: DataConfig, split: str, seed: int) -> list[Example]
 
         return load_champ(split)[:num]
     raise ValueError(f"data: unknown builtin task {task!r}; available: {', '.join(BUILTIN_TASKS)} "
-                     "(knights_knaves / gsm_symbolic need reasoning-gym, which this build does not bundle)")
+                     "(knights_knaves / gsm_symbolic: write a file with `megahybrid data make TASK --out FILE.jsonl`)")
 
 
 def load_dataset(cfg: DataConfig, split: str = "train", *, seed: int = 0,

@@ -1,5 +1,5 @@
 """reasoning-gym adapters: KK people counts, determinism, worked demos that check every statement, GSM-symbolic
-records and the JSONL writer round-trip through the project's loader."""
+records, the JSONL writer round-trip through the project's loader, and `megahybrid data make`."""
 import dataclasses
 import os
 import re
@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import reasoning_gym
 
+from megahybrid.cli import main
 from megahybrid.data.gym import generate_gsm_symbolic, generate_knights_knaves, people_counts
 from megahybrid.data.loaders import load_file, write_jsonl
 from megahybrid.rewards.extract import extract_answer, has_think_block
@@ -92,3 +93,37 @@ def test_writer_failure_keeps_the_old_file(tmp_path, kk):
         write_jsonl(rows(), str(path))
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["kk.jsonl"]
 
+
+def test_cli_data_make_writes_a_loadable_file(tmp_path, capsys):
+    out = tmp_path / "knights_knaves" / "train.jsonl"
+    rc = main(["data", "make", "knights_knaves", "--out", str(out), "--num", "4", "--min-people", "2",
+               "--max-people", "3", "--seed", "5"])
+    assert rc == 0 and "wrote 4 knights_knaves records" in capsys.readouterr().err
+    exs = load_file(str(out))
+    assert [e.prompt for e in exs] == [e.prompt for e in generate_knights_knaves(4, min_people=2, max_people=3,
+                                                                                seed=5)]
+    assert sorted(e.meta["n_people"] for e in exs) == [2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num", "0"], "argument --num: expected an integer >= 1, got 0"),
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["--min-people", "1"], "argument --min-people: expected an integer in 2..12, got 1"),
+    (["--max-people", "13"], "argument --max-people: expected an integer in 2..12, got 13"),
+    (["--num", "ten"], "argument --num: expected an integer, got 'ten'"),
+])
+def test_cli_data_make_rejects_bad_values(tmp_path, capsys, args, message):
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "make", "knights_knaves", "--out", str(out), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("task, args, message", [
+    ("knights_knaves", ["--min-people", "5", "--max-people", "3"], "--min-people 5 is above --max-people 3"),
+    ("gsm_symbolic", ["--max-people", "3"], "--min-people/--max-people apply to knights_knaves, not gsm_symbolic"),
+])
+def test_cli_data_make_rejects_inconsistent_options(tmp_path, capsys, task, args, message):
+    out = tmp_path / "x.jsonl"
+    assert main(["data", "make", task, "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
