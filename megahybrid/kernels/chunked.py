@@ -19,6 +19,7 @@ from torch import Tensor
 from megahybrid.kernels.function import Coefficients, apply
 from megahybrid.kernels.fused_wgrad import add_into
 from megahybrid.kernels.inputs import KernelArgs
+from megahybrid.kernels.vocab_parallel import rescale
 
 # Tokens x vocabulary rows per block (fp32: 2 MiB per block buffer, two buffers). Measured on the benchmark CPU
 # (benchmarks/README.md): block GEMMs of this size run at 85-95 GFLOP/s (one big N x V GEMM: ~75), and 1024 x 512
@@ -66,11 +67,8 @@ class ChunkedBackend:
                 torch.sum(e, 1, out=cs[b, n0:n1])
                 ct[b, n0:n1] = torch.linalg.vecdot(e, z)  # row dots e . (z - max): one fused pass, unlike bmm
         m = cm.amax(0)
-        shift = cm.sub_(m)  # <= 0
-        scale = torch.exp(shift)
-        s = (scale * cs).sum(0)
-        t = (scale * ct.addcmul_(shift, cs)).sum(0)  # t relative to the common max m
-        return m, s, t
+        s, t = rescale(cm, cs, ct, m)  # every block's (s, t) relative to the common max m
+        return m, s.sum(0), t.sum(0)
 
     def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w,
               main_grad=None):
