@@ -8,7 +8,7 @@ OpenR1-Math-46k-8192 (LUFFY/SRFT parquet): data_source (str), prompt (list of {r
     the last `user` turn), target (list of {role, content}; `assistant` turns are the R1 demonstrations),
     ability (str), reward_model ({ground_truth, style}), extra_info ({index, split}).
 
-`write_jsonl` writes records in the generic schema (atomically: a temp file in the same folder, then a rename).
+`write_jsonl` writes records in the generic schema, atomically (`training.run_dir.atomic_write_text`).
 
 Every malformed row raises `DataError` naming file:line:field (parquet: the 1-based row number), or is skipped
 and counted in `LoadStats` when `skip_bad_rows` is on.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from megahybrid.data.records import DataError, Example, LoadStats
@@ -175,24 +175,11 @@ def load_file(path: str, fmt: str = "auto", *, skip_bad_rows: bool = False,
 
 
 def write_jsonl(examples: Iterable[Example], path: str) -> int:
-    """Write `examples` as generic-schema JSONL; returns the row count. The temp file is renamed over `path` only
-    after every row is written and synced, so a failure never leaves a partial file or clobbers an old one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            count = 0
-            for ex in examples:
-                fh.write(json.dumps(dataclasses.asdict(ex), ensure_ascii=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return count
+    """Write `examples` as generic-schema JSONL; returns the row count. Every row is rendered before the file is
+    touched, then written atomically, so a failure never leaves a partial file or clobbers an old one."""
+    from megahybrid.training.run_dir import atomic_write_text  # the project's one atomic writer
+
+    rows = [json.dumps(dataclasses.asdict(ex), ensure_ascii=False) + "\n" for ex in examples]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(Path(path), "".join(rows))
+    return len(rows)
