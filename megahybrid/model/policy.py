@@ -173,8 +173,6 @@ class Policy:
 
         return sharded_state_dict(self, is_loading=is_loading)
 
-    state_dict_for_checkpoint = sharded_state_dict
-
     def save(self, directory: str, extra_state: dict[str, Any] | None = None) -> None:
         """Collective: write a dist_checkpointing checkpoint into `directory` (created if missing)."""
         from megahybrid.training.policy_checkpoint import save_checkpoint
