@@ -52,7 +52,8 @@ def model_config_from_hf(hf_dir: str, base: ModelConfig) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
         # RoPE theta and context are run choices when the YAML sets them (SRFT raises both for Qwen2.5-Math-7B)
         max_position_embeddings=base.max_position_embeddings,
-        rotary_base=_rope_theta(hf, where) if base.rotary_base is None else base.rotary_base, norm_epsilon=hf.get("rms_norm_eps", base.norm_epsilon),
+        rotary_base=_rope_theta(hf, where) if base.rotary_base is None else base.rotary_base,
+        norm_epsilon=hf.get("rms_norm_eps", base.norm_epsilon),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), add_qkv_bias=family == "qwen2")
 
 

@@ -175,8 +175,8 @@ def test_sigterm_saves_and_exits_zero_then_resume_skips_truncated_checkpoint(tmp
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{previous:06d}'}" in resumed.stderr
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 2))
     # `megahybrid eval` reloads the newest checkpoint in one process and reports avg@k / pass@k
-    ev = subprocess.run([sys.executable, "-m", "megahybrid", "eval", CONFIG, *SMALL, *common, f"train.run_dir={run_dir}",
-                         "--checkpoint", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    ev = subprocess.run([sys.executable, "-m", "megahybrid", "eval", CONFIG, *SMALL, *common,
+                         f"train.run_dir={run_dir}", "--checkpoint", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT,
                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert ev.returncode == 0, ev.stderr[-3000:]
     values = dict(line.split("=") for line in ev.stdout.splitlines() if line.startswith("eval/"))
