@@ -14,6 +14,7 @@ from typing import Any
 
 from megahybrid.config.loader import load_config
 from megahybrid.config.schema import RunConfig
+from megahybrid.training.run_dir import atomic_write_text
 
 FINAL_FILE = "final.json"
 _LOCAL_CHILD_ENV = "MEGAHYBRID_LOCAL_LAUNCH"
@@ -44,7 +45,6 @@ def run_stages(cfg: RunConfig, config_path: str) -> int:
 
     from megahybrid.config.loader import dump_yaml
     from megahybrid.config.plan import stage_configs
-    from megahybrid.training.run_dir import atomic_write_text
 
     previous: RunConfig | None = None
     for index, stage in enumerate(stage_configs(cfg, config_path)):
@@ -161,9 +161,7 @@ def _write_final(run_dir: Path, trainer: Any, last_eval: dict[str, float], *, pr
     first = next((acc for step, acc in history if step == 0), float("nan"))
     final = {"accuracy": last_eval.get("eval/accuracy", float("nan")), "step0_accuracy": first,
              "steps": trainer.step, "plots": str(plots_dir), "preempted": preempted}
-    tmp = run_dir / (FINAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(final))
-    os.replace(tmp, run_dir / FINAL_FILE)
+    atomic_write_text(run_dir / FINAL_FILE, json.dumps(final))
 
 
 def print_final_line(run_dir: Path, start: float) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from megahybrid.config.schema import LoggingConfig
+from megahybrid.training.run_dir import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -93,12 +94,7 @@ def _truncate_jsonl(path: Path, keep_through: int | None) -> int | None:
     kept step."""
     records = [r for r in read_jsonl(path) if keep_through is not None and r.get("step", -1) <= keep_through]
     if path.exists():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records[-1]["step"] if records else None
 
 
