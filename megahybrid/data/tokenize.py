@@ -29,18 +29,35 @@ class EncodedPair:
         return sum(self.prompt_mask)
 
 
-def encode_prompt(tokenizer: Any, prompt_text: str, *, add_bos: bool = False) -> list[int]:
-    """Prompt token ids (no special tokens added by the tokenizer; BOS only when asked and defined)."""
+def encode_prompt(tokenizer: Any, prompt_text: str, *, chat: bool = False) -> list[int]:
+    """Prompt token ids exactly as the tokenizer's own conventions give them.
+
+    `chat`: the text came from `apply_chat_template`, which already holds every special token the model expects
+    (SmolLM2's and Qwen's templates start with their BOS-like `<|im_start|>`), so nothing is added; the ids equal
+    `apply_chat_template(..., tokenize=True)`. Plain text: BOS is prefixed only when the tokenizer itself prefixes
+    it (`tokenizer(text)`; Llama-style tokenizers and our char tokenizer do, SmolLM2 and Qwen do not). Adding a
+    BOS unconditionally gave `[1, 1, 9690, ...]` under SmolLM2's template, a prefix the model never saw.
+    Trailing specials a tokenizer may append (EOS) are never taken: the response follows the prompt.
+    """
     ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    bos = tokenizer.bos_token_id
+    if chat or bos is None or (ids and ids[0] == bos):
+        return ids
+    with_specials = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    return [bos] + ids if with_specials and with_specials[0] == bos else ids
 
 
-def encode_pair(tokenizer: Any, prompt_text: str, response: str | list[int], *, add_bos: bool = False,
+def prompt_token_ids(tokenizer: Any, question: str, template: str) -> tuple[str, list[int]]:
+    """The rendered prompt text for `question` under `template` (DataConfig.template) and its token ids: the one
+    place the trainer, the engines and the length filter get prompt ids from."""
+    text = render_prompt(question, template, tokenizer)
+    return text, encode_prompt(tokenizer, text, chat=template == "chat")
+
+
+def encode_pair(tokenizer: Any, prompt_text: str, response: str | list[int], *, chat: bool = False,
                 add_eos: bool = True) -> EncodedPair:
     """Token ids + prompt/response masks. `response` is text (a demo) or engine token ids (a rollout)."""
-    p = encode_prompt(tokenizer, prompt_text, add_bos=add_bos)
+    p = encode_prompt(tokenizer, prompt_text, chat=chat)
     r = list(response) if not isinstance(response, str) else tokenizer.encode(response, add_special_tokens=False)
     if add_eos and tokenizer.eos_token_id is not None and (not r or r[-1] != tokenizer.eos_token_id):
         r = r + [tokenizer.eos_token_id]
@@ -66,7 +83,7 @@ def pad_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def filter_by_length(examples: list[Example], tokenizer: Any, *, template: str = "plain",
-                     max_prompt_tokens: int, max_demo_tokens: int, add_bos: bool = False
+                     max_prompt_tokens: int, max_demo_tokens: int
                      ) -> tuple[list[Example], dict[str, float]]:
     """Drop examples whose templated prompt exceeds `max_prompt_tokens`; drop demos (incl. EOS) longer than
     `max_demo_tokens` from the examples kept. Returns the kept examples (copies) and counters
@@ -75,8 +92,7 @@ def filter_by_length(examples: list[Example], tokenizer: Any, *, template: str =
     num_prompts = num_demos = 0
     eos = 0 if tokenizer.eos_token_id is None else 1
     for ex in examples:
-        text = render_prompt(ex.prompt, template, tokenizer)
-        if len(encode_prompt(tokenizer, text, add_bos=add_bos)) > max_prompt_tokens:
+        if len(prompt_token_ids(tokenizer, ex.prompt, template)[1]) > max_prompt_tokens:
             num_prompts += 1
             continue
         demos = [d for d in ex.demos if len(tokenizer.encode(d, add_special_tokens=False)) + eos <= max_demo_tokens]

@@ -44,10 +44,11 @@ def build_char_tokenizer(out_dir: str | os.PathLike, alphabet: str | None = None
     """Build a character-level tokenizer, save it as a Hugging Face folder at `out_dir`, and return it.
 
     Every character of `alphabet` (default `DEFAULT_ALPHABET`) is one token; `<think>`, `</think>` and
-    `\\boxed{` are single tokens; unknown characters map to `<unk>`. No BOS/EOS is added on encode
-    (the data pipeline adds what it needs explicitly, so prompt/response masks line up).
+    `\\boxed{` are single tokens; unknown characters map to `<unk>`. Like a Llama tokenizer, `tokenizer(text)`
+    prefixes BOS (the prompt encoder follows the tokenizer's own convention); `add_special_tokens=False`, which
+    responses use, adds nothing, so prompt/response masks line up.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = char_vocab(alphabet)
     if any(len(c) != 1 for c in vocab[len(SPECIAL_TOKENS) + len(MARKUP_TOKENS):]):
@@ -59,6 +60,9 @@ def build_char_tokenizer(out_dir: str | os.PathLike, alphabet: str | None = None
     tok.decoder = decoders.Fuse()  # concatenate characters back without separators
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.add_tokens(list(MARKUP_TOKENS))
+    bos_id = SPECIAL_TOKENS.index(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, bos_id)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         clean_up_tokenization_spaces=False, model_max_length=1 << 20,

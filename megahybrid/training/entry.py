@@ -144,8 +144,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[list, list]:
             examples = get_algorithm(cfg.algorithm.name).transform_examples(examples, cfg.algorithm)
         kept, _ = filter_by_length(examples, tokenizer, template=cfg.data.template,
                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                   max_demo_tokens=cfg.data.max_demo_tokens,
-                                   add_bos=tokenizer.bos_token_id is not None)  # as Generator.prompt_ids
+                                   max_demo_tokens=cfg.data.max_demo_tokens)
         return kept
 
     return load("train"), load("eval")[: cfg.data.num_eval]

@@ -16,8 +16,7 @@ import torch
 from megahybrid.algorithms.base import Batch, StepPlan
 from megahybrid.config.schema import RunConfig
 from megahybrid.data.records import Example
-from megahybrid.data.templates import render_prompt
-from megahybrid.data.tokenize import encode_prompt
+from megahybrid.data.tokenize import prompt_token_ids
 from megahybrid.training.batching import Group, Sequence
 
 
@@ -48,8 +47,7 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------- prompts
     def prompt_ids(self, ex: Example) -> tuple[str, list[int]]:
-        text = render_prompt(ex.prompt, self.cfg.data.template, self.tokenizer)
-        return text, encode_prompt(self.tokenizer, text, add_bos=self.tokenizer.bos_token_id is not None)
+        return prompt_token_ids(self.tokenizer, ex.prompt, self.cfg.data.template)
 
     def _sampling(self, *, temperature: float, max_new_tokens: int, seed: int):
         from megahybrid.rollout import SamplingOptions

@@ -47,9 +47,11 @@ def test_templates_through_chat(tok):
 def test_encode_pair_masks_line_up(tok):
     prompt, response = "12+30=", "<think>12+30=42</think>\\boxed{42}"
     pair = encode_pair(tok, prompt, response)
-    assert pair.token_ids[:-1] == tok.encode(prompt + response, add_special_tokens=False)
+    # plain text: BOS as the tokenizer itself prefixes it (`tok(text)`), then one token per character
+    assert pair.token_ids[0] == tok.bos_token_id == tok(prompt)["input_ids"][0]
+    assert pair.token_ids[1:-1] == tok.encode(prompt + response, add_special_tokens=False)
     assert pair.token_ids[-1] == tok.eos_token_id
-    n_prompt = len(prompt)  # one token per character
+    n_prompt = 1 + len(prompt)
     assert pair.prompt_mask == [True] * n_prompt + [False] * (len(pair.token_ids) - n_prompt)
     assert pair.response_mask == [not m for m in pair.prompt_mask]
     assert tok.decode([t for t, m in zip(pair.token_ids, pair.response_mask) if m][:-1]) == response
@@ -57,8 +59,12 @@ def test_encode_pair_masks_line_up(tok):
     ids = tok.encode("7", add_special_tokens=False) + [tok.eos_token_id]
     rollout = encode_pair(tok, prompt, ids)
     assert rollout.token_ids == encode_prompt(tok, prompt) + ids and rollout.num_prompt_tokens == n_prompt
-    with_bos = encode_pair(tok, prompt, response, add_bos=True, add_eos=False)
-    assert with_bos.token_ids[0] == tok.bos_token_id and with_bos.num_prompt_tokens == n_prompt + 1
+    # chat-rendered text already holds what the template wants: nothing is added
+    chat = encode_pair(tok, prompt, response, chat=True, add_eos=False)
+    assert chat.token_ids == tok.encode(prompt + response, add_special_tokens=False)
+    assert chat.num_prompt_tokens == len(prompt)
+    # a prompt that already starts with BOS never gets a second one
+    assert encode_prompt(tok, "<s>" + prompt) == [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
 
 
 def test_pad_pairs(tok):
@@ -75,15 +81,15 @@ def test_filter_by_length_counts(tok):
     exs = [Example("1+1=", "2", demos=["x" * 5, "y" * 9]), Example("1" * 20, "1", demos=["z"]),
            Example("2+2=", "4", demos=[])]
     kept, counts = filter_by_length(exs, tok, max_prompt_tokens=10, max_demo_tokens=6)
-    # prompt lengths 4, 20, 4 chars; demos + EOS: 6, 10 tokens
+    # prompt lengths BOS + 4, 20, 4 chars; demos + EOS: 6, 10 tokens
     assert [e.prompt for e in kept] == ["1+1=", "2+2="]
     assert kept[0].demos == ["x" * 5] and exs[0].demos == ["x" * 5, "y" * 9]  # input not mutated
     assert counts == {"data/filtered_prompts": 1.0, "data/filtered_demos": 1.0, "data/kept_prompts": 2.0}
-    # superrl: question + space + suffix; `\\boxed{` in the suffix is one token, every other character one
+    # superrl: BOS + question + space + suffix; `\\boxed{` in the suffix is one token, every other character one
     n_suffix = len(render_prompt("", "superrl")) - (len("\\boxed{") - 1)
-    kept, counts = filter_by_length(exs, tok, template="superrl", max_prompt_tokens=4 + n_suffix,
+    kept, counts = filter_by_length(exs, tok, template="superrl", max_prompt_tokens=1 + 4 + n_suffix,
                                     max_demo_tokens=100)
     assert [e.prompt for e in kept] == ["1+1=", "2+2="] and counts["data/filtered_prompts"] == 1.0
-    kept, counts = filter_by_length(exs, tok, template="superrl", max_prompt_tokens=3 + n_suffix,
+    kept, counts = filter_by_length(exs, tok, template="superrl", max_prompt_tokens=1 + 3 + n_suffix,
                                     max_demo_tokens=100)
     assert kept == [] and counts["data/filtered_prompts"] == 3.0
