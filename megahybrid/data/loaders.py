@@ -33,8 +33,14 @@ _KNOWN = {*_PROMPT_KEYS, *_ANSWER_KEYS, *_DEMO_KEYS, "steps", "source", "meta"}
 def iter_rows(path: str, file_type: str) -> Iterator[tuple[int, Any]]:
     """(line or row number, decoded object) for each non-blank line of a JSONL file / row of a Parquet file."""
     if file_type == "jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:  # bytes, so that one bad byte names its line instead of failing the file
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield line_no, DataError(path, line_no, None,
+                                             f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -42,10 +48,15 @@ def iter_rows(path: str, file_type: str) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as exc:
                     yield line_no, DataError(path, line_no, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
     elif file_type == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(path, None, None, f"not a readable Parquet file ({exc})") from None
         row_no = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in batches:
             for row in batch.to_pylist():
                 row_no += 1
                 yield row_no, row
@@ -89,11 +100,20 @@ def _want_str_list(value: Any, ctx: tuple[str, int], name: str) -> list[str]:
     return list(value)
 
 
+def _nonempty(text: str, ctx: tuple[str, int], name: str) -> str:
+    if not text.strip():
+        raise DataError(*ctx, name, "is empty")
+    return text
+
+
 def _answer_str(value: Any, ctx: tuple[str, int], name: str) -> str:
     # bool is an int subclass but never a meaningful math answer
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(*ctx, name, f"expected a string or number, got {type(value).__name__}")
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, float) and value != value:
+        raise DataError(*ctx, name, "is NaN")
+    text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    return _nonempty(text, ctx, name)
 
 
 def parse_generic(row: Any, ctx: tuple[str, int]) -> Example:
@@ -110,7 +130,7 @@ def parse_generic(row: Any, ctx: tuple[str, int]) -> Example:
     meta = {**meta, **{k: v for k, v in row.items() if k not in _KNOWN}}
     source = row.get("source", ctx[0])
     return Example(
-        prompt=_want_str(prompt, ctx, pk), answer=_answer_str(answer, ctx, ak),
+        prompt=_nonempty(_want_str(prompt, ctx, pk), ctx, pk), answer=_answer_str(answer, ctx, ak),
         demos=[] if demos is None else _want_str_list(demos, ctx, dk),
         steps=None if steps is None else _want_str_list(steps, ctx, "steps"),
         source=_want_str(source, ctx, "source"), meta=meta,
@@ -147,7 +167,8 @@ def parse_openr1(row: Any, ctx: tuple[str, int]) -> Example:
     source = row.get("data_source") or ctx[0]
     meta = {k: row[k] for k in ("ability", "extra_info") if row.get(k) is not None}
     return Example(
-        prompt=users[-1], answer=_answer_str(rm["ground_truth"], ctx, "reward_model.ground_truth"),
+        prompt=_nonempty(users[-1], ctx, "prompt"),
+        answer=_answer_str(rm["ground_truth"], ctx, "reward_model.ground_truth"),
         demos=demos, source=_want_str(source, ctx, "data_source"), meta=meta,
     )
 
@@ -160,26 +181,46 @@ def load_file(path: str, fmt: str = "auto", *, skip_bad_rows: bool = False,
     stats = stats if stats is not None else LoadStats()
     file_type = _file_type(path, "auto" if fmt == "openr1" else fmt)
     out: list[Example] = []
+    first_line_of_id: dict[Any, int] = {}
     for line_no, row in iter_rows(path, file_type):
         stats.num_rows += 1
         try:
             if isinstance(row, DataError):
                 raise row
             is_openr1 = fmt == "openr1" or (isinstance(row, dict) and "reward_model" in row)
-            out.append((parse_openr1 if is_openr1 else parse_generic)(row, (path, line_no)))
+            ex = (parse_openr1 if is_openr1 else parse_generic)(row, (path, line_no))
+            _check_unique_id(ex, first_line_of_id, (path, line_no))
+            out.append(dataclasses.replace(ex, location=f"{path}:{line_no}"))
         except DataError as err:
             if not skip_bad_rows:
                 raise
             stats.add_bad(err)
+    if stats.num_rows == 0:
+        raise DataError(path, None, None, "no records (the file is empty)")
     return out
 
 
-def write_jsonl(examples: Iterable[Example], path: str) -> int:
-    """Write `examples` as generic-schema JSONL; returns the row count. Every row is rendered before the file is
-    touched, then written atomically, so a failure never leaves a partial file or clobbers an old one."""
-    from megahybrid.training.run_dir import atomic_write_text  # the project's one atomic writer
+def _check_unique_id(ex: Example, first_line_of_id: dict[Any, int], ctx: tuple[str, int]) -> None:
+    """A record `id` seen twice is a duplicated row (a bad merge), which would silently weight that problem twice."""
+    rid = ex.meta.get("id")
+    if rid is None or not isinstance(rid, (str, int)):
+        return
+    if rid in first_line_of_id:
+        raise DataError(*ctx, "id", f"duplicate id {rid!r} (first at line {first_line_of_id[rid]})")
+    first_line_of_id[rid] = ctx[1]
 
-    rows = [json.dumps(dataclasses.asdict(ex), ensure_ascii=False) + "\n" for ex in examples]
+
+def write_jsonl(examples: Iterable[Example], path: str) -> int:
+    """Write `examples` as generic-schema JSONL; returns the row count. Rows are streamed to a temporary file
+    (memory stays flat for OpenR1-sized data) that replaces `path` only once every row is written, so a failure
+    never leaves a partial file or clobbers an old one."""
+    from megahybrid.training.run_dir import atomic_writer  # the project's one atomic writer
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(Path(path), "".join(rows))
-    return len(rows)
+    count = 0
+    with atomic_writer(Path(path)) as fh:
+        for ex in examples:
+            row = {k: v for k, v in dataclasses.asdict(ex).items() if k != "location"}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count

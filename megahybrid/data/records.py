@@ -21,6 +21,8 @@ class Example:
     """Where the record came from (`builtin:arith`, a file name, a dataset's data_source)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Anything else the source carried (ids, categories, SRL step index)."""
+    location: str = ""
+    """`file:line` (Parquet: row number) the record was read from, for error messages; empty when generated."""
 
 
 class DataError(ValueError):

@@ -13,13 +13,14 @@ rank 0 alone calls `commit`. Only rank 0 calls `latest_complete` before the othe
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 MARKER = "COMPLETE"
 HASH_LIMIT = 1 << 20
@@ -37,16 +38,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that readers see either the old or the new content, never a partial file."""
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A text file to write `path` through, piece by piece: readers see either the old or the new content, never
+    a partial file. If the body raises (or the disk fills), the temporary file is removed and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` so that readers see either the old or the new content, never a partial file."""
+    with atomic_writer(path) as f:
+        f.write(text)
 
 
 def write_resolved_config(run_dir: Path, cfg: Any) -> Path:
