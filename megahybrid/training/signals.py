@@ -53,8 +53,9 @@ def agree(flag: bool, group: Any = None) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
+    from megahybrid.parallel.collectives import collective_device
+
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megahybrid.parallel.collectives import collective_device
+
 LossFn = Callable[[Any, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 """loss_fn(micro_batch, logp [S, T], entropy [S, T]) -> (loss share, {metric: additive share})."""
 
@@ -116,6 +118,7 @@ def sum_payload_metrics(payloads: list[dict[str, Any]], dp_group) -> tuple[float
             old = dict(zip(keys, values[1:].tolist()))
             keys, values = union, torch.tensor([values[0].item()] + [old.get(k, 0.0) for k in union],
                                                dtype=torch.float64)
+        values = values.to(collective_device(dp_group))  # NCCL reduces CUDA tensors only
         dist.all_reduce(values, group=dp_group)
     return float(values[0]), dict(zip(keys, values[1:].tolist()))
 

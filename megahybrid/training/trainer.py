@@ -19,7 +19,8 @@ import torch.distributed as dist
 from megahybrid.algorithms.base import Algorithm, Batch, StepPlan
 from megahybrid.algorithms.registry import get_algorithm
 from megahybrid.config.schema import RunConfig
-from megahybrid.training.batching import Group, collate, micro_batches, shard_groups
+from megahybrid.parallel.collectives import collective_device
+from megahybrid.training.batching import Group, collate, length_multiple, micro_batches, shard_groups
 from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
 from megahybrid.training.signals import agree
 
@@ -89,7 +90,7 @@ class Trainer:
             metrics.update({"batch/skipped": 1.0, "time/step_s": time.perf_counter() - t_step})
             return metrics
         mine, offset = shard_groups(groups, self.ps.dp_rank, self.ps.dp_size)
-        batch = collate(mine, prompt_offset=offset, pad_id=self.pad_id)
+        batch = collate(mine, prompt_offset=offset, pad_id=self.pad_id, length_multiple=self._length_multiple())
         t0 = time.perf_counter()
         self._fill_old_logp(batch, plan)
         metrics["time/old_logp_s"] = time.perf_counter() - t0
@@ -162,11 +163,18 @@ class Trainer:
         if self.reference is not None:
             batch.ref_logp, _ = self.reference.logp_entropy(batch.tokens, temperature=temp, micro_batch_size=mbs)
 
+    def _length_multiple(self) -> int:
+        """From the effective TransformerConfig: sequence parallel is on for GPUs only (model/spec.py)."""
+        tc = self.policy.transformer_config
+        return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
+                               sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
+
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         """Equal-shape micro-batches; every data-parallel rank runs the same number (max over ranks)."""
         mbs = self.cfg.train.micro_batch_size
         count = torch.tensor([max(1, math.ceil(batch.num_sequences / mbs))], dtype=torch.long)
         if self.ps.dp_size > 1:
+            count = count.to(collective_device(self.ps.dp_group))  # NCCL reduces CUDA tensors only
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.dp_group)
         return micro_batches(batch, mbs, int(count.item()), self.pad_id)
 
@@ -254,12 +262,13 @@ class Trainer:
         if self.ps.dp_size == 1 or not stats:
             return stats
         keys = sorted(stats)
-        flat = torch.cat([stats[k].double().reshape(-1) for k in keys])
+        # NCCL reduces CUDA tensors only: reduce on the group's device, hand back on each stat's own device
+        flat = torch.cat([stats[k].double().reshape(-1) for k in keys]).to(collective_device(self.ps.dp_group))
         dist.all_reduce(flat, group=self.ps.dp_group)
         out, i = {}, 0
         for k in keys:
             n = stats[k].numel()
-            out[k] = flat[i:i + n].reshape(stats[k].shape).to(stats[k].dtype)
+            out[k] = flat[i:i + n].reshape(stats[k].shape).to(device=stats[k].device, dtype=stats[k].dtype)
             i += n
         return out
 
