@@ -5,6 +5,7 @@ one data-parallel rank, so every group statistic of `Algorithm.prepare` is local
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +42,22 @@ class Group:
         return [s for s in self.sequences if not s.is_demo]
 
 
-def collate(groups: list[Group], *, prompt_offset: int, pad_id: int) -> Batch:
-    """Right-padded `Batch` of all sequences of `groups`; prompt_index = prompt_offset + position in `groups`."""
+def length_multiple(*, tensor_model_parallel_size: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every padded sequence length must be a multiple of. Sequence parallel splits the sequence dimension
+    over the TP ranks (megatron.core tensor_parallel/mappings.py asserts it divides); Transformer Engine's FP8
+    GEMMs in the layers need token counts divisible by 16 (the FP8 LM head pads its own rows)."""
+    multiple = tensor_model_parallel_size if sequence_parallel else 1
+    return math.lcm(multiple, 16) if fp8 else multiple
+
+
+def collate(groups: list[Group], *, prompt_offset: int, pad_id: int, length_multiple: int = 1) -> Batch:
+    """Right-padded `Batch` of all sequences of `groups`; prompt_index = prompt_offset + position in `groups`.
+    The length is the longest sequence rounded up to `length_multiple` (padding sits after every real token:
+    causal attention, so it changes nothing before it)."""
     rows = [(prompt_offset + g, s) for g, group in enumerate(groups) for s in group.sequences]
     S = len(rows)
     T = max((len(s.prompt_ids) + len(s.response_ids) for _, s in rows), default=1)
+    T = -(-T // length_multiple) * length_multiple
     tokens = torch.full((S, T), pad_id, dtype=torch.long)
     response_mask = torch.zeros((S, T), dtype=torch.bool)
     engine_logp = torch.zeros((S, T), dtype=torch.float32)
