@@ -5,8 +5,10 @@ Flow of one step (the trainer never branches on a method's name, only on these d
     plan = algo.plan(step)                          # rollouts this step? demos? (SASR: SFT vs GRPO step)
     batch = <rollouts (if plan.rollouts) + demos (if plan.demos)>, rewards, old logp/entropy (no-grad pass)
     keep = algo.keep_sequences(batch)               # dynamic sampling (GRPO filter, SRL std filter)
-    batch, local_stats = algo.prepare(batch, plan)  # advantages, gates, weights on this rank's whole groups
-    stats = all_reduce_sum(local_stats)             # over data-parallel ranks (the caller's job)
+    batch, local_stats = algo.prepare_batch(batch, plan)  # rollout correction + drift stats, then prepare():
+                                                    # advantages, gates, weights on this rank's whole groups
+    stats = all_reduce(local_stats)                 # over data-parallel ranks (the caller's job): SUM, and MAX
+                                                    # for keys starting with `max/`
     for mb in micro-batches of batch:
         loss, metrics = algo.loss(mb, logp, entropy, stats, plan)   # additive share of the global loss
     algo.after_step(plan, grad_norm)                # SASR grad-norm bookkeeping
@@ -26,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from megahybrid.config.schema import AlgorithmConfig
+from megahybrid.config.schema import AlgorithmConfig, RolloutConfig
 
 
 @dataclass
@@ -117,10 +119,18 @@ class Algorithm(abc.ABC):
     """The method needs the no-grad pass for old log-probs / entropies before `prepare` (the default of
     `StepPlan.old_logp`; a method whose step types differ sets it per step in `plan`)."""
 
-    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1):
+    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1,
+                 rollout: RolloutConfig | None = None):
+        from megahybrid.algorithms.correction import Correction
+
         self.cfg = cfg
         self.seed = seed
         self.total_steps = total_steps
+        rollout = rollout if rollout is not None else RolloutConfig()
+        self.rollout = rollout
+        self.correction = Correction.resolve(rollout, cfg)
+        self.max_response_length = rollout.max_new_tokens
+        """L_max of `seq_mean_token_sum_norm` (the padded response width of SPEC 10.A)."""
 
     @classmethod
     def transform_examples(cls, examples: list, cfg: AlgorithmConfig) -> list:
@@ -149,6 +159,25 @@ class Algorithm(abc.ABC):
     def metrics_from_stats(self, stats: dict[str, Tensor]) -> dict[str, float]:
         """Final (not additive) metrics computed from the all-reduced statistics."""
         return {}
+
+    def prepare_batch(self, batch: Batch, plan: StepPlan) -> tuple[Batch, dict[str, Tensor]]:
+        """What the trainer calls: the method-independent part of a step (rollout correction weights and drift
+        statistics, SPEC 10.B; L_max for `seq_mean_token_sum_norm`), then the method's own `prepare`."""
+        from megahybrid.algorithms.correction import apply_correction
+        from megahybrid.algorithms.losses import L_MAX, STAT_DTYPE
+
+        batch, corr_stats = apply_correction(batch, self.correction)
+        batch, stats = self.prepare(batch, plan)
+        stats.update(corr_stats)
+        stats[L_MAX] = torch.tensor(float(self.max_response_length), dtype=STAT_DTYPE, device=batch.tokens.device)
+        return batch, stats
+
+    def final_metrics(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """What the trainer logs from the statistics: the method's `metrics_from_stats` plus `mismatch/*` and
+        `rollout_corr/*` (SPEC 10.B)."""
+        from megahybrid.algorithms.correction import correction_metrics
+
+        return {**self.metrics_from_stats(stats), **correction_metrics(stats, self.correction)}
 
     @abc.abstractmethod
     def loss(self, mb: Batch, logp: Tensor, entropy: Tensor, stats: dict[str, Tensor],

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from megahybrid.algorithms.advantages import dense_groups
 from megahybrid.algorithms.base import Batch
+from megahybrid.algorithms.correction import RC_WEIGHT
 from megahybrid.algorithms.losses import (STAT_DTYPE, aggregate, clipped_surrogate, group_counts, kl_estimate,
-                                          masked, tis_weight, token_mean_share)
+                                          masked, sft_token_weight, token_mean_share)
 from megahybrid.config.schema import AlgorithmConfig
 
 ADV = "adv"
@@ -86,16 +87,16 @@ def pg_token_parts(cfg: AlgorithmConfig, mb: Batch, logp: Tensor, entropy: Tenso
                    kl_coef: float, surrogate_weight: Tensor | None = None) -> dict[str, Tensor]:
     """Per-token pieces [S, T] of the policy-gradient loss on `mask`: the regulariser parts plus
 
-    `surrogate` = w * tis * clipped surrogate (`adv` [S] broadcast over tokens; `surrogate_weight` [S, T], a
-    constant, is SRFT's w_rl; the TIS weight multiplies only the surrogate, SPEC 9) and `clipped` (bool).
+    `surrogate` = w * rc * clipped surrogate (`adv` [S] broadcast over tokens; `surrogate_weight` [S, T], a
+    constant, is SRFT's w_rl; `rc` is the rollout-correction weight of `prepare_batch` (1 on demo tokens), which
+    multiplies only the surrogate, after clipping and dual clip, SPEC 10.B) and `clipped` (bool).
     """
     lp = masked(logp, mask)
     old = masked(require(mb, "old_logp", "the clipped surrogate needs the old policy's log-probs"), mask)
     surr, clipped = clipped_surrogate(lp, old, adv.to(lp.dtype)[:, None], cfg.clip_ratio_low, cfg.clip_ratio_high,
-                                      cfg.clip_ratio_c)
-    if cfg.tis_cap is not None:
-        engine = masked(require(mb, "engine_logp", "algorithm.tis_cap is set"), mask)
-        surr = surr * tis_weight(old, engine, cfg.tis_cap)
+                                      cfg.clip_ratio_c, clip=cfg.clip)
+    if RC_WEIGHT in mb.fields:
+        surr = surr * masked(mb.fields[RC_WEIGHT].to(lp.dtype), mask).detach()
     if surrogate_weight is not None:
         surr = surr * surrogate_weight.detach()
     return {"surrogate": surr, "clipped": clipped & mask, **regulariser_parts(cfg, mb, logp, entropy, mask, kl_coef)}
@@ -141,9 +142,12 @@ def aggregate_pg(cfg: AlgorithmConfig, parts: dict[str, Tensor], mask: Tensor, s
     return surr + reg, metrics
 
 
-def sft_token_loss(mb: Batch, logp: Tensor, mask: Tensor) -> Tensor:
-    """Per-token NLL `-logp` [S, T] on `mask`."""
-    return -masked(logp, mask)
+def sft_token_loss(mb: Batch, logp: Tensor, mask: Tensor, weight: str = "none") -> Tensor:
+    """Per-token NLL `-w(p) logp` [S, T] on `mask`; `weight` is `algorithm.sft_weight` (SPEC 10.A: none / dft / phi,
+    w detached)."""
+    lp = masked(logp, mask)
+    w = sft_token_weight(lp, weight)
+    return -lp if w is None else -w * lp
 
 
 def common_problems(cfg: AlgorithmConfig) -> list[str]:

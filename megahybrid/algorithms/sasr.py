@@ -94,8 +94,8 @@ class SASR(Algorithm):
     needs_demos = True
     needs_rollouts = True
 
-    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1):
-        super().__init__(cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1, **kwargs):
+        super().__init__(cfg, seed=seed, total_steps=total_steps, **kwargs)
         self.g_warmup: float | None = None
         self.g_last_sft: float | None = None
         self.step = -1

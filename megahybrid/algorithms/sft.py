@@ -23,7 +23,7 @@ def sft_demo_loss(cfg: AlgorithmConfig, mb: Batch, logp: Tensor, entropy: Tensor
     """Globally aggregated NLL over the demo tokens (+ kl_coef x KL), and its metric shares. The entropy bonus is
     a policy-gradient term (SPEC 3) and is not applied to SFT tokens."""
     mask = token_groups(mb)["demo"]
-    nll = aggregate(sft_token_loss(mb, logp, mask), mask, cfg.loss_agg, stats, "demo")
+    nll = aggregate(sft_token_loss(mb, logp, mask, cfg.sft_weight), mask, cfg.loss_agg, stats, "demo")
     reg, metrics = aggregate_regularisers(cfg, regulariser_parts(cfg, mb, logp, entropy, mask, kl_coef), mask,
                                           stats, "demo", kl_coef, entropy_coef=0.0)
     metrics["loss/sft"] = nll.detach()

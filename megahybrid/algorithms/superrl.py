@@ -74,13 +74,17 @@ class SuperRL(Algorithm):
         """Per-token KL-to-reference coefficient of the policy-gradient branch (SuperRL uses 0.001)."""
 
         def validate(self) -> list[str]:
-            return common_problems(self)
+            problems = common_problems(self)
+            if self.loss_agg == "seq_mean_token_sum_norm" and self.gate != "uncertainty":
+                problems.append("loss_agg: seq_mean_token_sum_norm is not supported by superrl's per-prompt gated "
+                                "aggregation; use token_mean, seq_mean_token_mean or seq_mean_token_sum")
+            return problems
 
     needs_demos = True
     needs_rollouts = True
 
-    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1):
-        super().__init__(cfg, seed=seed, total_steps=total_steps)
+    def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1, **kwargs):
+        super().__init__(cfg, seed=seed, total_steps=total_steps, **kwargs)
         self.log_sigmas: dict[str, torch.nn.Parameter] = {}
         if cfg.gate == "uncertainty":
             self.log_sigmas = {k: torch.nn.Parameter(torch.zeros((), dtype=torch.float32)) for k in LOG_SIGMAS}
@@ -162,7 +166,7 @@ class SuperRL(Algorithm):
             return (masked(per_token, mask) * weight).sum() / num_contrib
 
         pg = prompt_mean(pg_token_loss(parts, cfg.kl_coef, cfg.entropy_coef), pg_mask)
-        sft = prompt_mean(sft_token_loss(mb, logp, sft_mask), sft_mask)
+        sft = prompt_mean(sft_token_loss(mb, logp, sft_mask, cfg.sft_weight), sft_mask)
         metrics = {"loss/pg": prompt_mean(parts["surrogate"], pg_mask).detach(), "loss/sft": sft.detach(),
                    "actor/clip_frac": token_mean_share(parts["clipped"].to(logp.dtype), pg_mask, stats, "pg")}
         if "kl" in parts:
@@ -176,7 +180,8 @@ class SuperRL(Algorithm):
         cfg, groups = self.cfg, token_groups(mb)
         parts = pg_token_parts(cfg, mb, logp, entropy, groups["rollout"], mb.fields[ADV], cfg.kl_coef)
         pg, metrics = aggregate_pg(cfg, parts, groups["rollout"], stats, "rollout", cfg.kl_coef)
-        sft = aggregate(sft_token_loss(mb, logp, groups["demo"]), groups["demo"], cfg.loss_agg, stats, "demo")
+        sft = aggregate(sft_token_loss(mb, logp, groups["demo"], cfg.sft_weight), groups["demo"], cfg.loss_agg,
+                        stats, "demo")
         s_pg, s_sft = (self.log_sigmas[k].to(device=logp.device, dtype=logp.dtype) for k in LOG_SIGMAS)
         # The regulariser s_pg + s_sft appears once in L: each micro-batch carries its share of the sequences
         # that have response tokens (so the trainer's padding rows, which have none, carry nothing).

@@ -122,6 +122,28 @@ class RolloutConfig:
     """Per-request timeout; a worker that exceeds it is restarted and its prompts resubmitted."""
     seed: int | None = None
     """Engine sampling seed; None = derived from train.seed and the step."""
+    correction: Literal["none", "token_tis", "seq_tis", "seq_mis", "icepop"] = "none"
+    """Rollout/trainer mismatch correction of the policy surrogate on rollout tokens (SPEC 10.B)."""
+    is_cap: float | None = None
+    """Upper truncation of token_tis / seq_tis weights; None = algorithm.tis_cap if set, else 2.0 (verl)."""
+    is_lo: float = 0.0
+    """Lower truncation of token_tis / seq_tis weights (0 = none; slime, NeMo-RL)."""
+    mask_lo: float | None = None
+    """Lower bound (inclusive) of seq_mis / icepop; None = mode default (seq_mis sum 0.5, geo_mean 0.999, icepop
+    0.5)."""
+    mask_hi: float | None = None
+    """Upper bound (inclusive) of seq_mis / icepop; None = mode default (seq_mis sum 2.0, geo_mean 1.001, icepop
+    5.0)."""
+    seq_stat: Literal["sum", "geo_mean"] = "sum"
+    """seq_mis statistic: the sequence's summed log-ratio, or its per-token (geometric) mean."""
+    reject_scope: Literal["weight", "mask"] = "weight"
+    """Rejected tokens: `weight` keeps them in every count and in KL/entropy (NeMo, TRL, slime); `mask` removes
+    them from the response mask for every term (verl)."""
+    max_mismatch_k3: float | None = None
+    """Drift alarm: `mismatch/k3` above this bound warns once; `mismatch_patience` steps in a row stop the run
+    (None = off)."""
+    mismatch_patience: int = 3
+    """Consecutive steps above `max_mismatch_k3` before the run stops."""
 
 
 @dataclass
@@ -130,8 +152,14 @@ class AlgorithmConfig:
 
     name: str = "srft"
     """Registered algorithm: sft, sft_kl, grpo, srft, superrl, sasr, srl."""
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    """Loss aggregation mode (SPEC 1), normalised over the global batch."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = \
+        "token_mean"
+    """Loss aggregation mode (SPEC 1), normalised over the global batch; `seq_mean_token_sum_norm` (SPEC 10.A,
+    Dr. GRPO) = sum of token losses / (sequences * rollout.max_new_tokens)."""
+    clip: bool = True
+    """PPO ratio clipping of the policy surrogate (SPEC 10.A); false: `l = -A ratio` (LUFFY/ReLIFT/HPT recipes)."""
+    sft_weight: Literal["none", "dft", "phi"] = "none"
+    """Detached weight of every NLL term on demo tokens (SPEC 10.A): none (1), dft (p), phi (p (1 - p))."""
     clip_ratio_low: float = 0.2
     """PPO clip epsilon below 1."""
     clip_ratio_high: float = 0.2
@@ -143,7 +171,7 @@ class AlgorithmConfig:
     adv_eps: float = 1e-6
     """Epsilon added to the group std."""
     tis_cap: float | None = None
-    """Truncated importance-sampling cap for the engine/trainer mismatch (None = off)."""
+    """Alias of `rollout.correction: token_tis` with `rollout.is_cap` = this value (None = off)."""
     kl_coef: float = 0.0
     """Per-token KL-to-reference coefficient (0 = no reference model)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -164,7 +192,11 @@ class DataConfig:
     template: Literal["plain", "srft", "superrl", "chat"] = "plain"
     """Prompt template: plain text, SRFT Figure A3, SuperRL step-by-step, or the tokenizer's chat template."""
     max_prompt_tokens: int = 128
-    """Prompts longer than this are filtered (counted)."""
+    """Longest templated prompt, in tokens (BOS and chat-template tokens included); see `overlong_prompts`."""
+    overlong_prompts: Literal["error", "drop"] = "error"
+    """A prompt longer than `max_prompt_tokens`: `error` stops before training with its file:line (verl's
+    `truncation: error` default; a silent filter can drop most of a data set under a longer template), `drop`
+    filters it out and counts it (`data/filtered_prompts`)."""
     max_demo_tokens: int = 256
     """Demonstrations longer than this are filtered (counted)."""
     num_train: int = 2000

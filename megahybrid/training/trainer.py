@@ -22,6 +22,7 @@ from megahybrid.config.schema import RunConfig
 from megahybrid.parallel.collectives import collective_device
 from megahybrid.training.batching import Group, collate, length_multiple, micro_batches, shard_groups
 from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
+from megahybrid.training.mismatch import MismatchAlarm
 from megahybrid.training.signals import agree
 
 TIMING_PREFIXES = ("time/", "perf/")
@@ -40,7 +41,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         seed_everything(cfg.train.seed)
         self.algo: Algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm, seed=cfg.train.seed,
-                                                                 total_steps=cfg.train.steps)
+                                                                 total_steps=cfg.train.steps, rollout=cfg.rollout)
+        self.mismatch_alarm = MismatchAlarm(cfg.rollout.max_mismatch_k3, cfg.rollout.mismatch_patience)
         self.policy = build_policy(cfg, ps, extra_parameters=self.algo.parameters())
         self.reference = build_reference(cfg, ps) if self.algo.needs_ref else None
         self.sampler = PromptSampler(len(train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -94,8 +96,8 @@ class Trainer:
         t0 = time.perf_counter()
         self._fill_old_logp(batch, plan)
         metrics["time/old_logp_s"] = time.perf_counter() - t0
-        batch, local_stats = self.algo.prepare(batch, plan)
-        stats = self._all_reduce_sum(local_stats)
+        batch, local_stats = self.algo.prepare_batch(batch, plan)
+        stats = self._reduce_stats(local_stats)
         mbs = self._micro_batches(batch)
         t0 = time.perf_counter()
         result = self.policy.train_step(
@@ -105,7 +107,8 @@ class Trainer:
         metrics.update({k: float(v) for k, v in result.metrics.items()})
         metrics["actor/grad_norm"] = float(result.grad_norm)
         metrics["optim/lr"] = float(result.lr)
-        metrics.update(self.algo.metrics_from_stats(stats))
+        metrics.update(self.algo.final_metrics(stats))
+        metrics.update(self.mismatch_alarm.check(self.step, metrics))
         metrics.update(plan.metrics)
         if plan.kind in ("sft", "rl"):  # hybrid methods log their own routing fraction
             metrics["train/sft_frac"] = 1.0 if plan.kind == "sft" else 0.0
@@ -169,6 +172,18 @@ class Trainer:
         return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
                                sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
 
+    def _reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All-reduce the algorithm's statistics: SUM, except keys starting with `max/` (maxima, e.g. the largest
+        engine/trainer log-prob gap), which take the MAX over data-parallel ranks."""
+        maxima = {k: v for k, v in stats.items() if k.startswith("max/")}
+        out = self._all_reduce_sum({k: v for k, v in stats.items() if k not in maxima})
+        if maxima and self.ps.dp_size > 1:  # a few scalars: gather them as objects (any backend, any device)
+            gathered: list[dict[str, float]] = [{} for _ in range(self.ps.dp_size)]
+            dist.all_gather_object(gathered, {k: float(v) for k, v in maxima.items()}, group=self.ps.dp_group)
+            maxima = {k: torch.tensor(max(g[k] for g in gathered), dtype=v.dtype, device=v.device)
+                      for k, v in maxima.items()}
+        return {**out, **maxima}
+
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         """Equal-shape micro-batches; every data-parallel rank runs the same number (max over ranks)."""
         mbs = self.cfg.train.micro_batch_size
@@ -215,7 +230,7 @@ class Trainer:
 
     def extra_state(self) -> dict[str, Any]:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "algorithm": self.algo.state_dict(),
-                "rng": rng_state(), "history": self.history}
+                "rng": rng_state(), "history": self.history, "mismatch_alarm": self.mismatch_alarm.state_dict()}
 
     def save(self) -> Path | None:
         staging = self.ckpts.staging(self.step) if self.is_rank0 else None
@@ -245,6 +260,7 @@ class Trainer:
         self.algo.load_state_dict(state["algorithm"])
         set_rng_state(state["rng"])
         self.history = state.get("history", {})
+        self.mismatch_alarm.load_state_dict(state.get("mismatch_alarm", {}))
 
     # ------------------------------------------------------------------------------------------- collectives
     def _broadcast(self, obj: Any) -> Any:

@@ -10,6 +10,10 @@ import torch
 
 from megahybrid.algorithms import get_algorithm
 from megahybrid.algorithms.base import Batch, StepPlan
+from megahybrid.config.schema import RolloutConfig
+
+L_MAX = 13
+"""rollout.max_new_tokens of the algorithms under test (= algo_reference.L_MAX, stated independently there)."""
 
 F64 = torch.float64
 
@@ -61,9 +65,12 @@ def make_batch(seed: int, num_prompts: int = 4, k: int = 3, demos=(1, 0, 2, 1), 
     return batch, logp, entropy
 
 
-def make_algo(name: str, dtype=F64, seed: int = 0, total_steps: int = 100, **overrides):
+def make_algo(name: str, dtype=F64, seed: int = 0, total_steps: int = 100, rollout: dict | None = None,
+              **overrides):
+    """The algorithm with `overrides` of its Config and `rollout` keys of RolloutConfig (max_new_tokens = L_MAX)."""
     cls = get_algorithm(name)
-    algo = cls(cls.Config(**overrides), seed=seed, total_steps=total_steps)
+    ro = RolloutConfig(**{"max_new_tokens": L_MAX, **(rollout or {})})
+    algo = cls(cls.Config(**overrides), seed=seed, total_steps=total_steps, rollout=ro)
     for p in algo.parameters():
         p.data = p.data.to(dtype)
     return algo
@@ -110,10 +117,10 @@ def run_split(algo, batch: Batch, logp, entropy, plan: StepPlan | None = None, r
     plan = plan or algo.plan(0)
     prepared, local = [], []
     for idx in rank_indices(batch, ranks):
-        b, st = algo.prepare(batch.select(idx), plan)
+        b, st = algo.prepare_batch(batch.select(idx), plan)
         prepared.append((idx, b))
         local.append(st)
-    stats = {k: sum(st[k] for st in local) for k in local[0]}
+    stats = reduce_stats(local)
     total, shares = 0.0, {}
     for idx, b in prepared:
         for mb_idx in torch.tensor_split(torch.arange(b.num_sequences), micro):
@@ -122,7 +129,13 @@ def run_split(algo, batch: Batch, logp, entropy, plan: StepPlan | None = None, r
             total = total + loss
             for key, value in metrics.items():
                 shares[key] = shares.get(key, 0.0) + float(value)
-    return total, shares, algo.metrics_from_stats(stats), stats
+    return total, shares, algo.final_metrics(stats), stats
+
+
+def reduce_stats(local: list[dict]) -> dict:
+    """The trainer's all-reduce: SUM, and MAX for `max/` keys."""
+    return {k: (torch.stack([st[k] for st in local]).max(0).values if k.startswith("max/") else
+                sum(st[k] for st in local)) for k in local[0]}
 
 
 def grads(loss, inputs):

@@ -70,9 +70,24 @@ def group_advantages(view, member, norm=True, eps=1e-6):
 
 
 # ------------------------------------------------------------------------------------------------- section 3
-def clipped_token(lp, old, adv, low, high, dual):
-    """(loss, clipped?) of `-min(r A, clip(r, 1-low, 1+high) A)`, dual clip for A < 0."""
-    ratio = torch.exp(lp - old)
+L_MAX = 13
+"""rollout.max_new_tokens the tests give the algorithms (L_max of seq_mean_token_sum_norm, SPEC 10.A)."""
+
+
+def clamp20(x):
+    """SPEC 10.A: c(x) = clamp(x, -20, 20) before every exp of a log-ratio (a constant where active: no gradient)."""
+    if x > 20:
+        return ZERO + 20.0 if torch.is_tensor(x) else 20.0
+    if x < -20:
+        return ZERO - 20.0 if torch.is_tensor(x) else -20.0
+    return x
+
+
+def clipped_token(lp, old, adv, low, high, dual, clip=True):
+    """(loss, clipped?) of `-min(r A, clip(r, 1-low, 1+high) A)`, dual clip for A < 0; clip=False: `-A r`."""
+    ratio = torch.exp(clamp20(lp - old))
+    if not clip:
+        return -ratio * adv, False
     if ratio < 1 - low:
         clipped_ratio = ZERO + (1 - low)
     elif ratio > 1 + high:
@@ -92,7 +107,7 @@ def kl_token(lp, ref, estimator):
         return lp - ref
     if estimator == "k2":
         return 0.5 * (lp - ref) ** 2
-    x = ref - lp
+    x = clamp20(ref - lp)
     value = torch.exp(x) - x - 1
     if value > 10:
         return ZERO + 10.0
@@ -110,22 +125,85 @@ def aggregate(seq_losses, mode):
         return tsum(v for ls in seqs for v in ls) / sum(len(ls) for ls in seqs)
     if mode == "seq_mean_token_mean":
         return tsum(tsum(ls) / len(ls) for ls in seqs) / len(seqs)
+    if mode == "seq_mean_token_sum_norm":
+        return tsum(tsum(ls) for ls in seqs) / (len(seqs) * L_MAX)
     assert mode == "seq_mean_token_sum"
     return tsum(tsum(ls) for ls in seqs) / len(seqs)
 
 
+def with_rollout(cfg, rollout):
+    """The algorithm config plus a `rollout` attribute (the rollout.* keys the loop reference reads)."""
+    import types
+
+    return types.SimpleNamespace(**vars(cfg), rollout=rollout)
+
+
+def reject_tokens(cfg, batch):
+    """`rollout.reject_scope: mask` (SPEC 10.B): a copy of the batch without the rollout tokens whose weight the
+    bound test of seq_mis / icepop set to 0 (they leave every term and count)."""
+    import dataclasses
+
+    ro = cfg.rollout
+    if ro is None or ro.reject_scope != "mask" or ro.correction not in ("seq_mis", "icepop"):
+        return batch
+    v = View(batch)
+    mask = batch.response_mask.clone()
+    for s in range(v.S):
+        for t in v.tokens(s):
+            if not v.demo[s] and rc_weight(cfg, v, s, t) == 0.0:
+                mask[s, t] = False
+    return dataclasses.replace(batch, response_mask=mask)
+
+
+def rc_weight(cfg, view, s, t):
+    """SPEC 10.B weight of rollout token t of sequence s (1 on demos). `cfg.rollout` (when the test attached one)
+    holds the rollout.* keys; `algorithm.tis_cap` alone means token_tis with that cap."""
+    ro = getattr(cfg, "rollout", None)
+    mode = ro.correction if ro is not None else "none"
+    if mode == "none" and cfg.tis_cap is not None:
+        mode = "token_tis"
+    if mode == "none" or view.demo[s]:
+        return 1.0
+    cap = ro.is_cap if ro is not None and ro.is_cap is not None else (cfg.tis_cap if cfg.tis_cap is not None else 2.0)
+    lo = ro.is_lo if ro is not None else 0.0
+    stat = ro.seq_stat if ro is not None else "sum"
+    defaults = {"seq_mis": (0.5, 2.0) if stat == "sum" else (0.999, 1.001), "icepop": (0.5, 5.0)}.get(mode)
+    m_lo = ro.mask_lo if ro is not None and ro.mask_lo is not None else (defaults or (0, 0))[0]
+    m_hi = ro.mask_hi if ro is not None and ro.mask_hi is not None else (defaults or (0, 0))[1]
+    deltas = [view.old[s][u] - view.engine[s][u] for u in view.tokens(s)]
+    r = math.exp(clamp20(view.old[s][t] - view.engine[s][t]))
+    if mode == "token_tis":
+        return min(max(r, lo), cap)
+    big_r = math.exp(clamp20(sum(deltas)))
+    if mode == "seq_tis":
+        return min(max(big_r, lo), cap)
+    if mode == "seq_mis" and stat == "sum":
+        return big_r if m_lo <= big_r <= m_hi else 0.0
+    if mode == "seq_mis":
+        g = math.exp(clamp20(sum(deltas) / len(deltas)))
+        return r if m_lo <= g <= m_hi else 0.0
+    assert mode == "icepop"
+    return r if m_lo <= r <= m_hi else 0.0
+
+
 def pg_token(cfg, view, s, t, logp, entropy, adv, kl_coef, weight=1.0):
-    """Clipped surrogate x TIS x weight, + kl_coef KL - entropy_coef H for token t of sequence s."""
+    """Clipped surrogate x rollout-correction weight x weight, + kl_coef KL - entropy_coef H for token t of s."""
     lp = logp[s, t]
-    loss, took = clipped_token(lp, view.old[s][t], adv, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    if cfg.tis_cap is not None:
-        loss = loss * min(math.exp(view.old[s][t] - view.engine[s][t]), cfg.tis_cap)
-    loss = loss * weight
+    loss, took = clipped_token(lp, view.old[s][t], adv, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c,
+                               getattr(cfg, "clip", True))
+    loss = loss * rc_weight(cfg, view, s, t) * weight
     if kl_coef > 0:
         loss = loss + kl_coef * kl_token(lp, view.ref[s][t], cfg.kl_estimator)
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * entropy[s, t]
     return loss, took
+
+
+def sft_w(cfg, lp):
+    """SPEC 10.A `sft_weight` of a demo token's NLL, a constant: none 1, dft p, phi p (1 - p)."""
+    p = math.exp(float(lp.detach()))
+    mode = getattr(cfg, "sft_weight", "none")
+    return {"none": 1.0, "dft": p, "phi": p * (1 - p)}[mode]
 
 
 # ------------------------------------------------------------------------------------------------- section 4
@@ -136,7 +214,7 @@ def sft(cfg, batch, logp, kl_coef=0.0):
         if v.demo[s]:
             row = []
             for t in v.tokens(s):
-                value = -logp[s, t]
+                value = -sft_w(cfg, logp[s, t]) * logp[s, t]
                 if kl_coef > 0:
                     value = value + kl_coef * kl_token(logp[s, t], v.ref[s][t], cfg.kl_estimator)
                 row.append(value)
@@ -218,7 +296,7 @@ def superrl_gated(cfg, batch, logp, entropy):
             branch = [[pg_token(cfg, v, s, t, logp, entropy, adv[s], cfg.kl_coef)[0] for t in v.tokens(s)]
                       for s in rolls]
         else:
-            branch = [[-logp[s, t] for t in v.tokens(s)] for s in demos]
+            branch = [[-sft_w(cfg, logp[s, t]) * logp[s, t] for t in v.tokens(s)] for s in demos]
         has_demo = any(v.tokens(s) for s in demos)
         if not c and has_demo:
             num_sft += 1
@@ -236,7 +314,8 @@ def superrl_uncertainty(cfg, batch, logp, entropy, s_pg, s_sft):
     adv = group_advantages(v, lambda s: not v.demo[s], cfg.norm_adv_by_std, cfg.adv_eps)
     l_pg = aggregate([[pg_token(cfg, v, s, t, logp, entropy, adv[s], cfg.kl_coef)[0] for t in v.tokens(s)]
                       for s in range(v.S) if not v.demo[s]], cfg.loss_agg)
-    l_sft = aggregate([[-logp[s, t] for t in v.tokens(s)] for s in range(v.S) if v.demo[s]], cfg.loss_agg)
+    l_sft = aggregate([[-sft_w(cfg, logp[s, t]) * logp[s, t] for t in v.tokens(s)] for s in range(v.S) if v.demo[s]],
+                      cfg.loss_agg)
     loss = torch.exp(-2 * s_pg) * l_pg + torch.exp(-2 * s_sft) * l_sft
     # Convention (superrl.py): a branch without any token this step drops its log-sigma term as well.
     if any(v.tokens(s) for s in range(v.S) if not v.demo[s]):

@@ -43,7 +43,8 @@ CASES = [
 
 
 def reference(name, algo, batch, logp, entropy, plan):
-    cfg = algo.cfg
+    cfg = ref.with_rollout(algo.cfg, algo.rollout)
+    batch = ref.reject_tokens(cfg, batch)
     if name in ("sft", "sft_kl") or (name == "sasr" and plan.kind == "sft"):
         return ref.sft(cfg, batch, logp, cfg.kl_coef if name == "sft_kl" else 0.0)
     if name in ("grpo", "srl", "sasr"):
