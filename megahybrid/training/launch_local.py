@@ -2,7 +2,10 @@
 
 Why not exec torchrun: its agent turns a SIGTERM into a worker kill and a non-zero exit, while pre-emption must
 let every rank checkpoint and exit 0. This launcher forwards SIGTERM/SIGUSR1 to the ranks, waits for them, and
-fails fast: when one rank dies with an error the others are terminated and the worst exit code is returned.
+fails fast: when one rank fails, it says which rank and how (a signal, and for SIGKILL whether memory ran out),
+stops the others and returns that rank's exit code (128 + N for signal N). It is a child subreaper, so the engines
+and reward workers of a rank that was killed (they run in sessions of their own) come back to it and are stopped:
+no process outlives the job.
 On a cluster, Slurm + torchrun (slurm/common.sh) set RANK/WORLD_SIZE and this module is not used.
 """
 from __future__ import annotations
@@ -14,7 +17,10 @@ import subprocess
 import sys
 import time
 
+from megahybrid.parallel.process_report import children_map, describe_exit, descendants, oom_kill_count, rss_bytes
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 def under_distributed_launcher() -> bool:
@@ -30,41 +36,131 @@ def free_port() -> int:
 def launch(world_size: int, argv: list[str], *, poll_s: float = 0.2) -> int:
     """Run `python -m megahybrid <argv>` as `world_size` ranks with torch.distributed env vars; return exit code."""
     port = free_port()
-    procs: list[subprocess.Popen] = []
     # one share of the cores per rank: torch's default (all cores in every rank) oversubscribes the CPU and
     # OpenMP's spinning makes a 2-rank run on 2 cores several times slower
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
+    become_subreaper()  # before any rank starts, so that even an early rank's orphans come back to us
+    procs: list[subprocess.Popen] = []
     for rank in range(world_size):
         env = dict(os.environ, OMP_NUM_THREADS=threads, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "megahybrid", *argv], env=env))
+    return supervise(procs, poll_s=poll_s)
 
+
+def become_subreaper() -> bool:
+    """Make processes orphaned below us (a killed rank's engines and reward workers, which run in sessions of
+    their own) our children instead of init's, so that `reap_orphans` can find and stop them. Linux only."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def supervise(procs: list[subprocess.Popen], *, poll_s: float = 0.2, grace_s: float = 2.0,
+              stop_timeout_s: float = 30.0) -> int:
+    """Wait for the ranks `procs` (rank i = procs[i]); forward signals; fail fast and say why a rank died.
+
+    Returns 0 when every rank exits 0; otherwise the failed rank's code, 128 + N for death by signal N.
+    """
     def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    memory = _MemoryWatch(procs)
+    # children of ours from before (a test's own helpers) are not orphans of the ranks
+    before = set(children_map().get(os.getpid(), [])) - {p.pid for p in procs}
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                # fail fast: one rank's error would leave the others blocked in a collective forever
-                time.sleep(2.0)
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    try:
-                        p.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                return max(abs(c) for c in failed)
+                return _fail(procs, failed, memory, grace_s, stop_timeout_s)
             if all(c == 0 for c in codes):
                 return 0
+            memory.sample()
             time.sleep(poll_s)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        reap_orphans(procs, exclude=before)
+
+
+def _fail(procs, failed: list[int], memory: "_MemoryWatch", grace_s: float, stop_timeout_s: float) -> int:
+    # a signal death is the cause; ranks that exit 1 in the same poll are usually its victims (broken collective)
+    failed.sort(key=lambda r: procs[r].returncode >= 0)
+    for r in failed:
+        p = procs[r]
+        print(f"[megahybrid] {describe_exit(f'rank {r}', p.pid, p.returncode, **memory.report(r))}",
+              file=sys.stderr, flush=True)
+    # fail fast: one rank's error would leave the others blocked in a collective forever. The grace lets them
+    # notice the broken connection and close their engines themselves; SIGTERM is not sent, since it asks a
+    # rank to checkpoint (pre-emption), and a checkpoint needs the rank that is gone
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    alive = [r for r, p in enumerate(procs) if p.poll() is None]
+    if alive:
+        print(f"[megahybrid] stopping ranks {', '.join(map(str, alive))}", file=sys.stderr, flush=True)
+    for r in alive:
+        procs[r].kill()
+    for p in procs:
+        try:
+            p.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    code = procs[failed[0]].returncode
+    return 128 - code if code < 0 else code
+
+
+def reap_orphans(procs: list[subprocess.Popen], exclude: set[int] = frozenset()) -> int:
+    """SIGKILL (with their process groups) and reap every child of ours that is not a rank (nor in `exclude`):
+    the engines and reward workers of ranks that died before closing them. Returns how many there were."""
+    skip = {p.pid for p in procs} | set(exclude)
+    orphans = [pid for pid in children_map().get(os.getpid(), []) if pid not in skip]
+    for pid in orphans:
+        try:
+            # workers lead their own session (and process group): the group holds their children too
+            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    for pid in orphans:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    if orphans:
+        print(f"[megahybrid] stopped {len(orphans)} orphaned engine/reward process(es): "
+              f"{', '.join(map(str, orphans))}", file=sys.stderr, flush=True)
+    return len(orphans)
+
+
+class _MemoryWatch:
+    """Peak resident memory of each rank (with its engines and reward workers) and of the whole job, sampled
+    about once a second: a process killed by the OOM killer cannot report its own size afterwards."""
+
+    def __init__(self, procs: list[subprocess.Popen], every_s: float = 1.0):
+        self.procs, self.every_s, self.next_t = procs, every_s, 0.0
+        self.peak = [0] * len(procs)
+        self.job_peak = 0
+        self.oom_kills_before = oom_kill_count()
+
+    def sample(self) -> None:
+        if time.monotonic() < self.next_t:
+            return
+        self.next_t = time.monotonic() + self.every_s
+        children = children_map()
+        job = 0
+        for r, p in enumerate(self.procs):
+            rss = sum(rss_bytes(pid) for pid in [p.pid, *descendants(p.pid, children)])
+            self.peak[r] = max(self.peak[r], rss)
+            job += rss
+        self.job_peak = max(self.job_peak, job)
+
+    def report(self, rank: int) -> dict:
+        return {"peak_rss": self.peak[rank], "job_rss": self.job_peak, "oom_kills_before": self.oom_kills_before}
