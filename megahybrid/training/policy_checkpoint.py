@@ -9,6 +9,7 @@ The writer runs in spawned processes: scripts that save need an `if __name__ == 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megahybrid.config.schema import ModelConfig
 from megahybrid.model import convert
 from megahybrid.model.hf_config import hf_config_dict, read_hf_config
 from megahybrid.model.hf_io import HFCheckpointWriter
@@ -160,11 +162,25 @@ def _stream_to_writer(policy, writer: HFCheckpointWriter | None) -> None:
                 writer.add(name, buf.cpu())
 
 
+def effective_hf_config(original: dict[str, Any], m: ModelConfig) -> dict[str, Any]:
+    """The checkpoint's config.json with the run's overrides of the effective ModelConfig `m` (RoPE theta and the
+    context; every other architecture field comes from that config.json, see model_config_from_hf). The engines
+    sample with it: with the original, vLLM refuses a longer `max_model_len` and, forced past that check, uses
+    the old theta while the trainer uses the new one."""
+    config = copy.deepcopy(original)
+    if isinstance(config.get("rope_parameters"), dict):  # transformers >= 5
+        config["rope_parameters"]["rope_theta"] = m.rope_theta
+    if "rope_theta" in config or "rope_parameters" not in config:
+        config["rope_theta"] = m.rope_theta
+    config["max_position_embeddings"] = m.max_position_embeddings
+    return config
+
+
 def _write_config_and_tokenizer(policy, out_dir: str, tokenizer_dir: str | None) -> None:
     import json
 
     m = policy.model_config
-    config = read_hf_config(m.hf_path) if m.hf_path else hf_config_dict(m)
+    config = effective_hf_config(read_hf_config(m.hf_path), m) if m.hf_path else hf_config_dict(m)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tokenizer_dir = tokenizer_dir or m.tokenizer or m.hf_path
