@@ -98,13 +98,22 @@ def _truncate_jsonl(path: Path, keep_through: int | None) -> int | None:
     return records[-1]["step"] if records else None
 
 
+class MetricsWriteError(OSError):
+    """A metrics record could not be written (ENOSPC, EDQUOT, EIO, ...); the file was left as it was before."""
+
+
 class _JsonlSink:
-    """Append-only JSONL file; each record is flushed and fsynced so a crash loses at most the line in flight."""
+    """Append-only JSONL file; each record is written whole or not at all, then fsynced.
+
+    Unbuffered (an fd, not a text file): after a failed write nothing stays in a buffer that a later flush or
+    close would append. A write that fails part-way (disk full) is cut back to the last whole record, so the file
+    never holds a half line and earlier records are untouched.
+    """
 
     def __init__(self, path: Path, start_step: int):
         self.path = path
         self.last_step = _truncate_jsonl(path, start_step if start_step > 0 else None)
-        self.file = open(path, "a", encoding="utf-8")
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if self.last_step is not None and step <= self.last_step:
@@ -113,13 +122,29 @@ class _JsonlSink:
         if "step" in metrics:
             raise ValueError(f"{self.path}: metric key 'step' is reserved for the record's step number")
         record = {"step": int(step), **{k: _json_value(k, v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        end = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]  # a full disk can accept part of a write
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, end)
+            except OSError:
+                pass  # the reader (read_jsonl) still drops a final line without its newline
+            message = (f"could not write the record of step {step} to {self.path}: {e.strerror or e}. "
+                       f"Earlier records are intact; free space and run again (resume: auto continues from the "
+                       f"newest complete checkpoint)")
+            print(f"[megahybrid] {message}", file=sys.stderr, flush=True)
+            raise MetricsWriteError(e.errno, message) from e
         self.last_step = step
 
     def close(self) -> None:
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------------- TensorBoard / W&B

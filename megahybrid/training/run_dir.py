@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -200,6 +201,9 @@ class CheckpointDirs:
                     os.rename(path, final)
                     continue
             if path.name.startswith((".tmp-", ".replaced-")):
+                # a save cut short (killed, disk full): say so, since it is why the resume starts earlier
+                print(f"[megahybrid] ignoring partial checkpoint {path} (its save did not finish); removing it",
+                      file=sys.stderr, flush=True)
                 shutil.rmtree(path)
 
     def latest_complete(self) -> Path | None:

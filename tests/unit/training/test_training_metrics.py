@@ -162,3 +162,35 @@ def test_rich_progress_bar_on_a_terminal(tmp_path):
     out = stream.getvalue()
     assert "4/4" in out and "reward=0.750" in out and "acc=0.500" in out and "eta=0:00:00" in out
     assert "step 4/4" not in out  # no plain fallback lines on a terminal
+
+
+def test_disk_full_mid_record_leaves_earlier_lines_whole(tmp_path, monkeypatch, capsys):
+    """A full disk accepts part of a write, then refuses the rest (what tmpfs/ext4 do with ENOSPC). The fake
+    os.write injects exactly that; the e2e test in tests/e2e/test_reliability.py fills a real tmpfs."""
+    import errno
+    import os
+
+    from megahybrid.training import metrics as metrics_module
+
+    logger = MetricsLogger(tmp_path, QUIET, total_steps=5)
+    for step in (1, 2):
+        logger.log(step, step_metrics(step))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real_write, calls = os.write, []
+
+    def full_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(metrics_module.os, "write", full_disk)
+    with pytest.raises(metrics_module.MetricsWriteError, match="No space left on device"):
+        logger.log(3, step_metrics(3))
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # the half line is gone, earlier ones untouched
+    assert "could not write the record of step 3" in capsys.readouterr().err
+    monkeypatch.setattr(metrics_module.os, "write", real_write)
+    logger.log(3, step_metrics(3))  # space is back: the same step can be written again
+    logger.close()  # nothing buffered from the failed write is appended on close
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

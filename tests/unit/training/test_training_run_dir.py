@@ -80,7 +80,7 @@ def test_keep_one_never_deletes_the_new_checkpoint(tmp_path):
         dirs.step_of(tmp_path / "latest")
 
 
-def test_damaged_unmarked_and_leftover_dirs_are_ignored(tmp_path):
+def test_damaged_unmarked_and_leftover_dirs_are_ignored(tmp_path, capsys):
     dirs = CheckpointDirs(tmp_path, keep=10)
     for step in (1, 2, 3, 6, 7):
         save(dirs, step)
@@ -98,6 +98,7 @@ def test_damaged_unmarked_and_leftover_dirs_are_ignored(tmp_path):
 
     assert dirs.latest_complete() == tmp_path / "step_000002"
     assert not (tmp_path / ".tmp-step_000005-4242").exists()
+    assert f"ignoring partial checkpoint {tmp_path / '.tmp-step_000005-4242'}" in capsys.readouterr().err
     reasons = {p.name: r for p, r in dirs.skipped().items()}
     assert set(reasons) == {"step_000003", "step_000004", "step_000006", "step_000007"}
     assert "bytes, the manifest says" in reasons["step_000003"]
