@@ -1,11 +1,13 @@
 """`megahybrid` command line: config check, train, eval, compare, plan, data make.
 
-Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file); bad
+Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file); bad data
+(a missing file, a malformed row, an over-long prompt) exits with code 2 and one line naming file:line:field; bad
 `data make` arguments exit with code 2 and a line naming the option.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megahybrid.config.loader import ConfigError, dump_yaml, load_config
@@ -29,7 +31,7 @@ def _config_check(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from megahybrid.training.entry import run_training
 
-    return run_training(args.config, args.overrides)
+    return run_training(args.config, args.overrides, fresh=args.fresh)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*")
     check.set_defaults(fn=_config_check)
 
-    add("train", _train, "run training (single process or under torchrun)")
+    train = add("train", _train, "run training (single process or under torchrun)")
+    train.add_argument("--fresh", action="store_true",
+                       help="start from step 0: an existing train.run_dir is moved aside to <run_dir>.old-<time>")
     ev = add("eval", _eval, "evaluate a checkpoint on the held-out split (avg@k / pass@k)")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: newest)")
     add("compare", _compare, "run several methods with the same budget and write comparison.md + plots")
@@ -128,12 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # options may sit between overrides (`train CFG a=1 --fresh b=2`): argparse leaves the overrides after an
+    # option unparsed, so collect them here; anything else unknown is still an error (exit 2)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    from megahybrid.data.records import DataError
+
+    # under torchrun / Slurm every rank meets the same bad input: global rank 0 alone says so
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.fn(args) or 0)
     except ConfigError as exc:
-        for line in exc.problems:
+        for line in exc.problems if speaks else []:
             print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except DataError as exc:
+        if speaks:
+            print(f"data error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
 

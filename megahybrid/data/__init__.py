@@ -45,8 +45,12 @@ def load_dataset(cfg: DataConfig, split: str = "train", *, seed: int = 0,
         spec = cfg.train
     if spec.startswith("builtin:"):
         return _builtin(spec.split(":", 1)[1], cfg, split, seed)
+    import os
+
     from megahybrid.data.loaders import load_file
 
+    if not os.path.exists(spec):
+        raise DataError(spec, None, None, f"file not found (from data.{split})")
     return load_file(spec, cfg.format, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megahybrid.data.records import Example
+from megahybrid.data.records import DataError, Example
 from megahybrid.data.templates import render_prompt
 
 
@@ -83,16 +83,20 @@ def pad_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def filter_by_length(examples: list[Example], tokenizer: Any, *, template: str = "plain",
-                     max_prompt_tokens: int, max_demo_tokens: int
+                     max_prompt_tokens: int, max_demo_tokens: int, overlong_prompts: str = "drop"
                      ) -> tuple[list[Example], dict[str, float]]:
-    """Drop examples whose templated prompt exceeds `max_prompt_tokens`; drop demos (incl. EOS) longer than
-    `max_demo_tokens` from the examples kept. Returns the kept examples (copies) and counters
-    `data/filtered_prompts`, `data/filtered_demos`, `data/kept_prompts`."""
+    """Drop examples whose templated prompt exceeds `max_prompt_tokens` (`overlong_prompts="error"`: raise
+    DataError naming the record's file:line instead); drop demos (incl. EOS) longer than `max_demo_tokens` from
+    the examples kept. Returns the kept examples (copies) and counters `data/filtered_prompts`,
+    `data/filtered_demos`, `data/kept_prompts`."""
     kept: list[Example] = []
     num_prompts = num_demos = 0
     eos = 0 if tokenizer.eos_token_id is None else 1
     for ex in examples:
-        if len(prompt_token_ids(tokenizer, ex.prompt, template)[1]) > max_prompt_tokens:
+        num_tokens = len(prompt_token_ids(tokenizer, ex.prompt, template)[1])
+        if num_tokens > max_prompt_tokens:
+            if overlong_prompts == "error":
+                raise _overlong(ex, num_tokens, template, max_prompt_tokens)
             num_prompts += 1
             continue
         demos = [d for d in ex.demos if len(tokenizer.encode(d, add_special_tokens=False)) + eos <= max_demo_tokens]
@@ -100,3 +104,10 @@ def filter_by_length(examples: list[Example], tokenizer: Any, *, template: str =
         kept.append(dataclasses.replace(ex, demos=demos))
     return kept, {"data/filtered_prompts": float(num_prompts), "data/filtered_demos": float(num_demos),
                   "data/kept_prompts": float(len(kept))}
+
+
+def _overlong(ex: Example, num_tokens: int, template: str, limit: int) -> DataError:
+    file, _, line = ex.location.rpartition(":")
+    where = (file, int(line)) if file and line.isdigit() else (ex.source or "data", None)
+    return DataError(*where, "prompt", f"{num_tokens} tokens under the {template!r} template, more than "
+                     f"data.max_prompt_tokens={limit} (raise it, or set data.overlong_prompts: drop)")

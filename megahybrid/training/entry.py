@@ -20,21 +20,78 @@ FINAL_FILE = "final.json"
 _LOCAL_CHILD_ENV = "MEGAHYBRID_LOCAL_LAUNCH"
 
 
-def run_training(config_path: str, overrides: list[str]) -> int:
+def run_training(config_path: str, overrides: list[str], *, fresh: bool = False) -> int:
     from megahybrid.training.launch_local import launch, under_distributed_launcher
 
     cfg = load_config(config_path, overrides)
     if cfg.stages:
         return run_stages(cfg, config_path)
+    run_dir = Path(cfg.train.run_dir)
+    if not fresh and report_if_complete(cfg):
+        return 0
+    check_inputs(cfg)  # bad data exits 2 here, before any rank, engine or run-directory file exists
+    if fresh and is_rank0_process():
+        set_aside(run_dir)
     world = cfg.parallel.world_size or 1
     if world > 1 and not under_distributed_launcher():
         os.environ[_LOCAL_CHILD_ENV] = "1"
         start = time.time()
         code = launch(world, ["train", config_path, *overrides])
         if code == 0:
-            print_final_line(Path(cfg.train.run_dir), start)
+            print_final_line(run_dir, start)
         return code
     return _train_this_rank(cfg, print_final=os.environ.get(_LOCAL_CHILD_ENV) != "1")
+
+
+def is_rank0_process() -> bool:
+    """True outside torchrun/Slurm and on global rank 0 under them (who prints one-off messages)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_if_complete(cfg: RunConfig) -> bool:
+    """A run directory whose final.json already covers `train.steps` is finished: report its recorded result
+    (instead of resuming, training nothing and printing nan) and say how to start again. True if so."""
+    run_dir = Path(cfg.train.run_dir)
+    final_path = run_dir / FINAL_FILE
+    if cfg.train.resume != "auto" or not final_path.exists():
+        return False
+    try:
+        final = json.loads(final_path.read_text())
+        done = int(final["steps"])
+    except (ValueError, KeyError, TypeError):
+        return False  # unreadable record: let the ranks resume from the checkpoints and rewrite it
+    if done < cfg.train.steps:
+        return False
+    if is_rank0_process():
+        fewer = (f"train.steps={cfg.train.steps} is fewer than the {done} steps this run already has; "
+                 if cfg.train.steps < done else "")
+        print(f"[megahybrid] {fewer}{run_dir} is already complete ({done} steps): nothing to train. "
+              f"To train again from scratch add --fresh (the old run is kept as {run_dir}.old-<time>) "
+              f"or set train.run_dir=<new dir>.", file=sys.stderr, flush=True)
+        print(final_line(final, wall_s=0.0) + f" (already complete; from {final_path})", flush=True)
+    return True
+
+
+def set_aside(run_dir: Path) -> None:
+    """--fresh: move an existing run directory out of the way (never delete a user's checkpoints)."""
+    if not run_dir.exists():
+        return
+    target = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while target.exists():
+        target, suffix = target.with_name(f"{target.name.split('~')[0]}~{suffix}"), suffix + 1
+    run_dir.rename(target)
+    print(f"[megahybrid] --fresh: moved the previous run to {target}", file=sys.stderr, flush=True)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Load the data exactly as the ranks will (rows, templates, token lengths) so a bad file, row or prompt
+    raises DataError / ConfigError in this one process. A random-init model's char tokenizer is built in a
+    temporary folder, so nothing is written to the run directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="megahybrid-check-") as tmp:
+        prepare_data(cfg, load_tokenizer(cfg, Path(tmp)))
 
 
 def run_stages(cfg: RunConfig, config_path: str) -> int:
@@ -81,7 +138,22 @@ def _stage_finished(run_dir: Path, stage: RunConfig) -> bool:
     return final.exists() and json.loads(final.read_text())["steps"] >= stage.train.steps
 
 
+def quiet_cpu_mode() -> None:
+    """Before Megatron is imported: on a machine without CUDA, silence the fallback warnings known to be harmless
+    (parallel/cpu_warnings.py says why each is) and say the same thing once."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from megahybrid.parallel.cpu_warnings import CPU_MODE_LINE, silence_known_cpu_warnings
+
+    silence_known_cpu_warnings()
+    if is_rank0_process():
+        print(f"[megahybrid] {CPU_MODE_LINE}", file=sys.stderr, flush=True)
+
+
 def _train_this_rank(cfg: RunConfig, *, print_final: bool) -> int:
+    quiet_cpu_mode()
     from megahybrid.parallel.init import init_distributed
     from megahybrid.training.run_dir import write_resolved_config
     from megahybrid.training.signals import PreemptionHandler
@@ -114,21 +186,31 @@ def _train_this_rank(cfg: RunConfig, *, print_final: bool) -> int:
 def prepare_tokenizer(cfg: RunConfig, run_dir: Path, ps: Any):
     """The model's tokenizer; for random-init tiny models a character tokenizer built into the run directory."""
     import torch.distributed as dist
+
+    builds = not (cfg.model.tokenizer or cfg.model.hf_path)
+    if builds and ps.rank == 0:
+        load_tokenizer(cfg, run_dir)  # builds run_dir/tokenizer once, before the other ranks read it
+    if builds and ps.world_size > 1:
+        dist.barrier()
+    return load_tokenizer(cfg, run_dir)
+
+
+def load_tokenizer(cfg: RunConfig, build_dir: Path):
+    """`model.tokenizer` / `model.hf_path`, or a character tokenizer built at `build_dir/tokenizer` (if absent)."""
+    from megahybrid.config.loader import ConfigError
     from transformers import AutoTokenizer
 
     path = cfg.model.tokenizer or cfg.model.hf_path
     if path is None:
-        path = str(run_dir / "tokenizer")
-        if ps.rank == 0 and not (Path(path) / "tokenizer.json").exists():
+        path = str(build_dir / "tokenizer")
+        if not (Path(path) / "tokenizer.json").exists():
             from megahybrid.model.tiny import build_char_tokenizer
 
             build_char_tokenizer(path, alphabet=cfg.model.char_alphabet)
-        if ps.world_size > 1:
-            dist.barrier()
     tok = AutoTokenizer.from_pretrained(path)
     if len(tok) > cfg.model.vocab_size:
-        raise SystemExit(f"config error: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer at "
-                         f"{path} ({len(tok)} tokens); set model.vocab_size >= {len(tok)}")
+        raise ConfigError([f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer at {path} "
+                           f"({len(tok)} tokens); set model.vocab_size >= {len(tok)}"])
     return tok
 
 
@@ -144,10 +226,20 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[list, list]:
             examples = get_algorithm(cfg.algorithm.name).transform_examples(examples, cfg.algorithm)
         kept, _ = filter_by_length(examples, tokenizer, template=cfg.data.template,
                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                   max_demo_tokens=cfg.data.max_demo_tokens)
+                                   max_demo_tokens=cfg.data.max_demo_tokens,
+                                   overlong_prompts=cfg.data.overlong_prompts)
         return kept
 
     return load("train"), load("eval")[: cfg.data.num_eval]
+
+
+def eval_status(cfg: RunConfig) -> str | None:
+    """Why a run has no held-out evaluation (None when it has one): said instead of an accuracy of nan."""
+    if cfg.data.num_eval == 0:
+        return "no evaluation (data.num_eval: 0)"
+    if cfg.data.eval is None and not cfg.data.train.startswith("builtin:"):
+        return "no eval split (data.eval is not set)"
+    return None
 
 
 def _write_final(run_dir: Path, trainer: Any, last_eval: dict[str, float], *, preempted: bool) -> None:
@@ -158,16 +250,26 @@ def _write_final(run_dir: Path, trainer: Any, last_eval: dict[str, float], *, pr
         write_plots(run_dir, plots_dir)
     history = trainer.history.get("eval/accuracy", [])
     first = next((acc for step, acc in history if step == 0), float("nan"))
-    final = {"accuracy": last_eval.get("eval/accuracy", float("nan")), "step0_accuracy": first,
-             "steps": trainer.step, "plots": str(plots_dir), "preempted": preempted}
+    # nothing evaluated in this process (resumed at or past train.steps): the newest recorded evaluation
+    accuracy = last_eval.get("eval/accuracy", history[-1][1] if history else float("nan"))
+    final = {"accuracy": accuracy, "step0_accuracy": first, "steps": trainer.step, "plots": str(plots_dir),
+             "preempted": preempted, "eval": eval_status(trainer.cfg) or "ok"}
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final))
+
+
+def final_line(final: dict[str, Any], *, wall_s: float) -> str:
+    """The run's closing line, from its final.json."""
+    tail = f"steps={final['steps']} wall={wall_s:.0f}s plots={final['plots']}"
+    if final.get("eval", "ok") != "ok":
+        return f"megahybrid: final eval: {final['eval']}; {tail}"
+    return (f"megahybrid: final eval accuracy={final['accuracy']:.3f} (step 0: {final['step0_accuracy']:.3f}) "
+            + tail)
 
 
 def print_final_line(run_dir: Path, start: float) -> None:
     final = json.loads((run_dir / FINAL_FILE).read_text())
     sys.stdout.flush()
-    print(f"megahybrid: final eval accuracy={final['accuracy']:.3f} (step 0: {final['step0_accuracy']:.3f}) "
-          f"steps={final['steps']} wall={time.time() - start:.0f}s plots={final['plots']}", flush=True)
+    print(final_line(final, wall_s=time.time() - start), flush=True)
 
 
 def run_evaluation(config_path: str, overrides: list[str], *, checkpoint: str) -> int:

@@ -23,6 +23,9 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path) -> dict[str, float]:
+    from megahybrid.training.entry import quiet_cpu_mode
+
+    quiet_cpu_mode()  # before Megatron is imported
     from megahybrid.model.provider import build_policy
     from megahybrid.parallel.init import init_distributed
     from megahybrid.training.entry import prepare_data, prepare_tokenizer
