@@ -6,7 +6,8 @@ Token groups (bool [S, T], response tokens only): `demo`, `rollout`, `rollout_po
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Literal
 
 import torch
 from torch import Tensor
@@ -17,6 +18,22 @@ from megahybrid.algorithms.correction import RC_WEIGHT
 from megahybrid.algorithms.losses import (STAT_DTYPE, aggregate, clipped_surrogate, group_counts, kl_estimate,
                                           masked, sft_token_weight, token_mean_share)
 from megahybrid.config.schema import AlgorithmConfig
+
+@dataclass
+class DrGRPOConfig(AlgorithmConfig):
+    """The RL settings shared by the LUFFY, ReLIFT and HPT recipes (Dr. GRPO style): mean-only advantages, the
+    L_max-normalised sequence sum, no ratio clipping, entropy bonus 0.001, no KL."""
+
+    norm_adv_by_std: bool = False
+    """Divide advantages by the group std (recipes: `grpo_use_std=False` / `norm_adv_by_std_in_grpo=False`)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = \
+        "seq_mean_token_sum_norm"
+    """Aggregation of the policy-gradient loss (recipes `loss_remove_token_mean=True`)."""
+    clip: bool = False
+    """PPO clipping of the ratio (recipes `loss_remove_clip=True`)."""
+    entropy_coef: float = 0.001
+    """Entropy bonus coefficient (recipes `entropy_coeff=0.001`)."""
+
 
 ADV = "adv"
 """Batch.fields key of the per-sequence advantage [S]."""
