@@ -238,6 +238,9 @@ class _Converter:
         from megahybrid.algorithms.registry import algorithm_names, get_algorithm
 
         name = data.get("name", AlgorithmConfig.name)
+        if not isinstance(name, str):  # found by fuzzing: a list here crashed the registry lookup
+            self.error(f"{path}.name", f"expected an algorithm name (a string), got {name!r}")
+            return AlgorithmConfig
         try:
             return get_algorithm(name).Config
         except KeyError:
