@@ -3,6 +3,12 @@
 A fresh interpreter (not multiprocessing's spawn/fork): the environment is set before anything loads, the
 parent's `__main__` (a trainer script) is never re-imported, and no forked copy of the trainer's threads or
 CUDA state exists. Each worker gets its own session, so a SIGKILL of its process group takes its children too.
+
+Pre-emption signals (TRAINER_SIGNALS) belong to the trainer, which checkpoints at the next step boundary and
+then shuts its workers down. Slurm signals every process of the job step (whatever its session), and a worker
+with the default action would die minutes before that checkpoint. A handler set in the parent does not survive
+exec, but a blocked mask does: the signals are blocked in the spawning thread across the Popen, and the worker
+sets SIG_IGN (which its own children, e.g. vLLM's engine processes, inherit across exec) before unblocking.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
+TRAINER_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Handled by the trainer (training/signals.py); ignored by every worker it spawns."""
 
 
 def spawn_worker(module: str, *, env: dict[str, str] | None = None,
@@ -24,11 +32,13 @@ def spawn_worker(module: str, *, env: dict[str, str] | None = None,
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINER_SIGNALS)  # this thread only; inherited by the child
     try:
         proc = subprocess.Popen([sys.executable, "-m", module, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         if log_path:
             log.close()
@@ -48,8 +58,17 @@ def kill_worker(proc: subprocess.Popen | None, conn: Connection | None) -> None:
         conn.close()
 
 
+def ignore_trainer_signals() -> None:
+    """In a worker: ignore the trainer's pre-emption signals, then unblock them (spawn_worker blocked them, so
+    none that arrived during start-up is lost to the default action; pending ones are discarded now)."""
+    for sig in TRAINER_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TRAINER_SIGNALS)
+
+
 def worker_connection(argv: list[str]) -> Connection:
-    """The worker's end, from its command line."""
+    """The worker's end, from its command line; first makes the worker ignore the trainer's signals."""
+    ignore_trainer_signals()
     return Connection(int(argv[0]))
 
 

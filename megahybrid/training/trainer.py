@@ -27,6 +27,7 @@ from megahybrid.training.signals import agree
 
 TIMING_PREFIXES = ("time/", "perf/")
 """Metric keys that measure wall time (excluded when comparing runs for exact reproducibility)."""
+ROLLOUT_COUNTERS = ("rollout/restarts", "rollout/timeouts")
 
 
 class Trainer:
@@ -156,6 +157,8 @@ class Trainer:
         metrics["batch/prompts_generated"] = float(num_generated)
         metrics["batch/prompts_kept"] = float(usable)
         metrics["reward/timeouts"] = float(self.generator.num_reward_timeouts)
+        # cumulative engine restarts and timeouts, every step: an engine that died shows here
+        metrics.update({k: v for k, v in self.generator.pool.metrics().items() if k in ROLLOUT_COUNTERS})
         return kept[:usable], metrics, self.sampler.position
 
     def _fill_old_logp(self, batch: Batch, plan: StepPlan) -> None:
