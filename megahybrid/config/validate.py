@@ -88,7 +88,47 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
 
         problems.extend(plan_problems(cfg))
 
+    problems.extend(rollout_correction_problems(cfg))
     check = getattr(cfg.algorithm, "validate", None)
     if callable(check):
         problems.extend(f"algorithm.{p}" for p in check())
+    n_demos = getattr(cfg.algorithm, "n_demos", None)
+    if n_demos is not None and n_demos >= ro.n:
+        problems.append(f"algorithm.n_demos ({n_demos}) must be < rollout.n ({ro.n}): the demos take n_demos of the "
+                        f"rollout.n group slots and at least one rollout must remain")
+    return problems
+
+
+def rollout_correction_problems(cfg: RunConfig) -> list[str]:
+    """SPEC 10.B/10.D: the rollout.correction keys against each other, algorithm.tis_cap and the method."""
+    from megahybrid.algorithms.correction import Correction
+    from megahybrid.algorithms.registry import get_algorithm
+
+    ro, tis_cap = cfg.rollout, getattr(cfg.algorithm, "tis_cap", None)
+    problems = []
+    if tis_cap is not None and ro.correction not in ("none", "token_tis"):
+        problems.append(f"algorithm.tis_cap ({tis_cap}) is an alias for rollout.correction=token_tis but "
+                        f"rollout.correction is {ro.correction}; drop one of them")
+    if tis_cap is not None and ro.is_cap is not None and tis_cap != ro.is_cap:
+        problems.append(f"algorithm.tis_cap ({tis_cap}) and rollout.is_cap ({ro.is_cap}) are both set and differ; "
+                        f"tis_cap is an alias for rollout.is_cap, set only one")
+    if ro.is_cap is not None and ro.is_cap <= 0:
+        problems.append(f"rollout.is_cap: must be > 0, got {ro.is_cap}")
+    corr = Correction.resolve(ro, cfg.algorithm)
+    if ro.is_lo < 0 or ro.is_lo > corr.is_cap:
+        problems.append(f"rollout.is_lo: must be in [0, rollout.is_cap ({corr.is_cap})], got {ro.is_lo}")
+    if corr.mask_lo > corr.mask_hi:
+        problems.append(f"rollout.mask_lo ({corr.mask_lo}) must be <= rollout.mask_hi ({corr.mask_hi})")
+    if corr.mode != "none":
+        try:
+            has_rollouts = get_algorithm(cfg.algorithm.name).needs_rollouts
+        except KeyError:
+            has_rollouts = True  # an unknown name is reported by the loader
+        if not has_rollouts:
+            problems.append(f"rollout.correction={corr.mode} needs engine log-probs, but algorithm "
+                            f"{cfg.algorithm.name} trains without rollouts (set rollout.correction: none)")
+    if ro.max_mismatch_k3 is not None and ro.max_mismatch_k3 < 0:
+        problems.append(f"rollout.max_mismatch_k3: must be >= 0 (or null), got {ro.max_mismatch_k3}")
+    if ro.mismatch_patience < 1:
+        problems.append(f"rollout.mismatch_patience: must be >= 1, got {ro.mismatch_patience}")
     return problems
