@@ -70,6 +70,11 @@ class SRFT(Algorithm):
                 value = getattr(self, key)
                 if value is not None and value < 0:
                     problems.append(f"{key}: must be >= 0, got {value}")
+            if not self.entropy_weights:  # SPEC 9: the two settings say different things about the same weight
+                for key in ("sft_coef_fixed", "rl_coef_fixed"):
+                    if getattr(self, key) is not None:
+                        problems.append(f"{key}: cannot be set with entropy_weights: false (which fixes both "
+                                        f"weights at 1.0); drop one of the two")
             return problems
 
     needs_demos = True

@@ -92,7 +92,8 @@ def srl_similarity(response: str, expert_step: str, *, require_think: bool = Tru
     action = extract_action(response, require_think=require_think)
     if action is None:
         return -1.0
-    return difflib.SequenceMatcher(None, action, expert_step).ratio()
+    # SPEC 9: the expert step is stripped too, whether the splitter made it or a data file's `steps` held it
+    return difflib.SequenceMatcher(None, action, expert_step.strip()).ratio()
 
 
 def format_reward(response: str, *, opened_in_prompt: bool = False) -> float:
