@@ -53,6 +53,9 @@ class Trainer:
         self._resume()
         self.sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights")
         self._export_weights()  # the engines start from the trainer's (initial or resumed) weights
+        # True after an update the engines have not received yet. Weights go to the engines only before they next
+        # generate (or evaluate, or at the end), so consecutive SFT-only steps (SASR) pay for one sync, not one each.
+        self.engines_stale = False
         self.generator = None
         if self.is_rank0:
             from megahybrid.training.generation import Generator
@@ -66,6 +69,9 @@ class Trainer:
         """Train until cfg.train.steps (or a pre-emption request). Returns the last evaluation metrics."""
         cfg = self.cfg
         last_eval: dict[str, float] = {}
+        if self.step >= cfg.train.steps and self.is_rank0:
+            print(f"[megahybrid] resumed at step {self.step}, which is not below train.steps={cfg.train.steps}: "
+                  "nothing to train", file=sys.stderr, flush=True)
         if self.step == 0:
             last_eval = self.evaluate(0)
         while self.step < cfg.train.steps:
@@ -80,12 +86,15 @@ class Trainer:
                 self.save()
             if stop:
                 break
+        self.sync_engines()  # the run's final weights in the sync folder (the next curriculum stage starts there)
         return last_eval
 
     def train_one_step(self) -> dict[str, float]:
         t_step = time.perf_counter()
         plan = self.algo.plan(self.step)
+        sync_s = self.sync_engines() if plan.rollouts else 0.0
         groups, metrics = self._collect_groups(plan)
+        metrics["time/sync_s"] = sync_s
         if not groups:
             # dynamic sampling kept no group within train.max_sample_rounds: no update this step (an optimizer
             # step on zero gradients would still move Adam's weights)
@@ -108,13 +117,14 @@ class Trainer:
         metrics.update({k: float(v) for k, v in result.metrics.items()})
         metrics["actor/grad_norm"] = float(result.grad_norm)
         metrics["optim/lr"] = float(result.lr)
+        metrics["optim/skipped"] = 0.0 if result.updated else 1.0  # fp16 loss scaling found inf/nan gradients
+        self.engines_stale = self.engines_stale or result.updated
         metrics.update(self.algo.final_metrics(stats))
         metrics.update(self.mismatch_alarm.check(self.step, metrics))
         metrics.update(plan.metrics)
         if plan.kind in ("sft", "rl"):  # hybrid methods log their own routing fraction
             metrics["train/sft_frac"] = 1.0 if plan.kind == "sft" else 0.0
         metrics.update(self.algo.after_step(plan, float(result.grad_norm)))
-        metrics["time/sync_s"] = self._export_weights()
         metrics.update(self._batch_metrics(groups))
         metrics["time/step_s"] = time.perf_counter() - t_step
         num_tokens = self._all_reduce_sum({"n": batch.response_mask.sum().double()})["n"]
@@ -169,12 +179,6 @@ class Trainer:
         if self.reference is not None:
             batch.ref_logp, _ = self.reference.logp_entropy(batch.tokens, temperature=temp, micro_batch_size=mbs)
 
-    def _length_multiple(self) -> int:
-        """From the effective TransformerConfig: sequence parallel is on for GPUs only (model/spec.py)."""
-        tc = self.policy.transformer_config
-        return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
-                               sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
-
     def _reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All-reduce the algorithm's statistics: SUM, except keys starting with `max/` (maxima, e.g. the largest
         engine/trainer log-prob gap), which take the MAX over data-parallel ranks."""
@@ -186,6 +190,12 @@ class Trainer:
             maxima = {k: torch.tensor(max(g[k] for g in gathered), dtype=v.dtype, device=v.device)
                       for k, v in maxima.items()}
         return {**out, **maxima}
+
+    def _length_multiple(self) -> int:
+        """From the effective TransformerConfig: sequence parallel is on for GPUs only (model/spec.py)."""
+        tc = self.policy.transformer_config
+        return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
+                               sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         """Equal-shape micro-batches; every data-parallel rank runs the same number (max over ranks)."""
@@ -208,6 +218,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> dict[str, float]:
+        self.sync_engines()
         metrics = None
         if self.is_rank0 and self.eval_set:
             tr = self.cfg.train
@@ -222,6 +233,13 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------- weights / state
+    def sync_engines(self) -> float:
+        """Send the weights to the engines if an update happened since the last sync; returns the seconds."""
+        if not self.engines_stale:
+            return 0.0
+        self.engines_stale = False
+        return self._export_weights()
+
     def _export_weights(self) -> float:
         """Write the policy as a HF folder and point the engines at it; returns the seconds it took."""
         t0 = time.perf_counter()
