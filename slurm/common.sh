@@ -12,7 +12,8 @@
 # allocation; then one `srun` task per node runs slurm/launch_node.sh (torchrun, c10d rendezvous at the first
 # node). Any task failing ends the whole job (srun --kill-on-bad-exit=1) and the job ends FAILED with its code.
 # Pre-emption: `#SBATCH --signal=B:USR1@<s>` signals this batch shell; it forwards SIGUSR1 to the srun step, the
-# ranks checkpoint and exit 0, and launch_node.sh requeues the job (`#SBATCH --requeue`).
+# ranks checkpoint and exit 0, and this shell requeues the job (`#SBATCH --requeue`): here, on the batch host,
+# where Slurm's binaries and munge are, not inside a task's container (MH_REQUEUE_IN_BATCH tells launch_node.sh).
 #
 # Environment, all optional [default]:
 #   MEGAHYBRID_HOME      the repository                       [$SLURM_SUBMIT_DIR]
@@ -21,7 +22,9 @@
 #   MEGAHYBRID_PYTHON    Python on the batch host             [python]
 #   MEGAHYBRID_CLUSTER   cluster profile name or path         [the config's launch.cluster]
 #   MEGAHYBRID_DRY_RUN=1 print config and layout, then run the preflight probe on every node instead of training
-#   MEGAHYBRID_PROBE_ARGS, MEGAHYBRID_REQUEUE, MASTER_PORT: see slurm/launch_node.sh
+#   MEGAHYBRID_REQUEUE=0 do not requeue the job after a pre-emption signal [1]
+#   MEGAHYBRID_ALLOW_CPU_TORCH=1 run a GPU allocation although torch here is CPU-only (refused otherwise, exit 2)
+#   MEGAHYBRID_PROBE_ARGS, MASTER_PORT: see slurm/launch_node.sh
 #   SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS: Slurm's own variables (or sbatch -p/-A/-q) pick partition,
 #     account and QOS; container, modules, node setup and exported variables come from the cluster profile
 #     (configs/clusters/<name>.yaml, whose values default from MEGAHYBRID_* variables).
@@ -107,10 +110,10 @@ megahybrid_sbatch_main() {
 
     local srun_args
     megahybrid_srun_args
-    srun "${srun_args[@]}" bash slurm/launch_node.sh "$config" "$@" &
-    local srun_pid=$!
+    MH_REQUEUE_IN_BATCH=1 srun "${srun_args[@]}" bash slurm/launch_node.sh "$config" "$@" &
+    local srun_pid=$! preempted=0
     # The B: signal reaches only this shell: pass it on to the step (srun forwards it to every task process).
-    trap 'echo "megahybrid: SIGUSR1 (pre-emption), forwarding to the job step"; kill -USR1 "$srun_pid"' USR1
+    trap 'preempted=1; echo "megahybrid: SIGUSR1 (pre-emption), forwarding to the job step"; kill -USR1 "$srun_pid"' USR1
     # On cancel Slurm signals the step itself; keep waiting so the ranks can finish their checkpoint.
     trap 'echo "megahybrid: SIGTERM, waiting for the job step"' TERM
 
@@ -126,6 +129,10 @@ megahybrid_sbatch_main() {
         echo "megahybrid: job step failed with exit code $rc" >&2
     else
         echo "megahybrid: job step completed"
+        if ((preempted)) && [[ ${MEGAHYBRID_REQUEUE:-1} == 1 ]]; then
+            echo "megahybrid: requeueing job $SLURM_JOB_ID after the pre-emption checkpoint"
+            scontrol requeue "$SLURM_JOB_ID" || echo "megahybrid: scontrol requeue $SLURM_JOB_ID failed" >&2
+        fi
     fi
     exit "$rc"
 }

@@ -19,8 +19,9 @@
 # (megahybrid/launch/torchrun.py); the trainer ranks install their own handlers (checkpoint at the next step
 # boundary, exit 0). Inside a Slurm step, Slurm delivers a step signal to every process of the step, the ranks
 # included; outside one (NeMo-Run local, a shell) this script forwards SIGUSR1/SIGTERM to the ranks itself.
-# After a SIGUSR1, once torchrun has exited 0, the first launcher (SLURM_PROCID 0) requeues the job
-# (`#SBATCH --requeue`; train.resume=auto continues from the checkpoint).
+# After a SIGUSR1, once torchrun has exited 0, the job is requeued (`#SBATCH --requeue`; train.resume=auto
+# continues from the checkpoint): by the batch shell under slurm/common.sh (MH_REQUEUE_IN_BATCH=1, Slurm's tools
+# and munge live there, not in a container), else by the first launcher (SLURM_PROCID 0).
 set -uo pipefail
 
 if (($# < 1)); then
@@ -92,7 +93,7 @@ done
 echo "launch_node: torchrun exited with $rc"
 
 if ((preempted && rc == 0)) && [[ ${MEGAHYBRID_REQUEUE:-1} == 1 && ${SLURM_PROCID:-0} == 0 ]] \
-    && [[ -n ${SLURM_JOB_ID:-} ]]; then
+    && [[ -n ${SLURM_JOB_ID:-} && ${MH_REQUEUE_IN_BATCH:-0} != 1 ]]; then
     echo "launch_node: requeueing job $SLURM_JOB_ID after the pre-emption checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
 fi

