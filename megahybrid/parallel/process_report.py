@@ -119,4 +119,6 @@ def describe_exit(what: str, pid: int | None, returncode: int, *, peak_rss: int 
         seen += "; the kernel counted an OOM kill" if oom_counted else ""
         return (f"{text}. Likely cause: out of memory ({seen}). "
                 f"Lower {MEMORY_SETTINGS}.")
+    if not (peak_rss or job_rss):
+        return text  # nothing measured: no guess
     return f"{text} (memory was not near the limit: killed from outside, e.g. by a person or a scheduler)"

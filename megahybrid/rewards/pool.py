@@ -8,13 +8,15 @@ crashes and exceptions (`reward/errors`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from subprocess import Popen
+from subprocess import Popen, TimeoutExpired
 
 from megahybrid.config.schema import RewardConfig
+from megahybrid.parallel.process_report import describe_exit
 from megahybrid.rewards.functions import REWARD_NAMES, exact_reward, format_reward, kk_reward
 from megahybrid.rewards.subproc import WorkerPoolBase, kill_worker, spawn_worker
 
@@ -131,6 +133,9 @@ class RewardPool(WorkerPoolBase):
                 if w.job is None:
                     raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f} s")
                 result.num_timeouts += 1
+                print(f"[megahybrid] reward worker (pid {w.proc.pid}) gave no answer within reward.timeout_s + "
+                      f"{self.grace_s:g} s (stuck where its timer cannot reach, e.g. C code): killed and restarted, "
+                      "the check scores 0", file=sys.stderr, flush=True)
                 self._restart(w)
 
     def _handle(self, w: _Worker, msg, result: RewardResult) -> None:
@@ -145,6 +150,12 @@ class RewardPool(WorkerPoolBase):
                 self._queue.appendleft(w.job)
             else:
                 result.num_errors += 1  # it crashes every worker it meets (e.g. overflows a parser's C stack)
+            try:
+                how = describe_exit("reward worker", w.proc.pid, w.proc.wait(timeout=5))
+            except TimeoutExpired:  # the connection closes a moment before the process is gone
+                how = f"reward worker (pid {w.proc.pid}) closed its connection"
+            retry = "retried on a fresh worker" if self._crashes[w.job] < 2 else "scored 0 (it crashed twice)"
+            print(f"[megahybrid] {how}; restarting it, the check is {retry}", file=sys.stderr, flush=True)
             self._restart(w)
             return
         job, status, score, _ = msg

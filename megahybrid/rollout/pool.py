@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from megahybrid.config.schema import RolloutConfig
+from megahybrid.parallel.process_report import describe_exit
 from megahybrid.rewards.subproc import WorkerPoolBase, kill_worker, spawn_worker
 from megahybrid.rollout.types import RolloutError, RolloutSample, SamplingOptions
 from megahybrid.rollout.vllm_engine import cpu_env
@@ -131,6 +133,15 @@ class RolloutPool(WorkerPoolBase):
             return ""
 
     @staticmethod
+    def _death(slot: _Slot) -> str:
+        """How a worker whose connection closed ended (its signal, and for SIGKILL whether memory ran out)."""
+        try:
+            code = slot.proc.wait(timeout=5)  # the connection closes a moment before the process is gone
+        except subprocess.TimeoutExpired:
+            return f"(pid {slot.proc.pid}) closed its connection"
+        return describe_exit("", slot.proc.pid, code).strip()
+
+    @staticmethod
     def _recv(slot: _Slot) -> tuple | None:
         try:
             return slot.conn.recv()
@@ -216,6 +227,8 @@ class RolloutPool(WorkerPoolBase):
             raise RolloutError(f"rollout shard {shard} failed {attempts[shard]} times (last: worker {slot.index} "
                                f"{why}; log {slot.log_path}):\n{self._log_tail(slot)}")
         queue.appendleft(shard)
+        print(f"[megahybrid] rollout worker {slot.index} {why}; restarting it and resubmitting shard {shard} "
+              f"(attempt {attempts[shard] + 1} of {self.max_attempts})", file=sys.stderr, flush=True)
         self._restart(slot)
 
     def _collect(self, results, bounds, queue: deque, attempts: list[int]) -> None:
@@ -231,7 +244,7 @@ class RolloutPool(WorkerPoolBase):
                 if slot.state == "starting":
                     self._on_start_message(slot, msg, strict=False)
                 elif msg is None:
-                    self._requeue(slot, queue, attempts, "died")
+                    self._requeue(slot, queue, attempts, self._death(slot))
                 elif msg[0] == "ok":
                     a, b = bounds[msg[1]]
                     results[a:b] = msg[2]
@@ -280,6 +293,9 @@ class RolloutPool(WorkerPoolBase):
                 out.append(msg[2])
                 continue
             detail = msg[2] if msg is not None else f"no reply (died or timed out); log:\n{self._log_tail(s)}"
+            if msg is None:
+                print(f"[megahybrid] rollout worker {s.index} gave no reply to {cmd} within request_timeout_s="
+                      f"{self.cfg.request_timeout_s} (hung or died); restarting it", file=sys.stderr, flush=True)
             self._restart(s)
             out.append(None)
             if msg is not None or not died_ok:
