@@ -51,9 +51,12 @@ class ModelConfig:
     """Std of the normal init for random-init models."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the trained policy (CPU runs use float32)."""
-    logprob_impl: Literal["reference", "chunked", "triton", "te_fp8"] = "chunked"
-    """Token log-prob/entropy kernel behind the LM head (SPEC 5): chunked torch (CPU default), Triton, or
-    Transformer Engine FP8 GEMMs on Hopper; `reference` materialises the logits (tests only)."""
+    logprob_impl: Literal["auto", "reference", "chunked", "triton", "te_fp8"] = "auto"
+    """Token log-prob/entropy kernel behind the LM head (SPEC 5). `auto`: on CUDA the fused Triton kernels, which
+    read the LM head and hidden states in their own dtype (bf16 on GPUs: no fp32 copy, no fp32 GEMM) and
+    accumulate and return in fp32; on CPU (or CUDA without the `triton` package) `chunked`, the blocked torch
+    path, which computes in fp32. `te_fp8`: Transformer Engine FP8 GEMMs on Hopper (logits to ~1e-2 relative);
+    `reference` materialises the logits (tests only)."""
     recompute_activations: bool = False
     """Full activation recomputation of each transformer layer (trades compute for memory on long sequences)."""
 

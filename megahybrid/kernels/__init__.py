@@ -7,6 +7,8 @@ One public op, `token_logprob_entropy`, with interchangeable implementations:
                the CPU default.
 - `triton`:    forward + backward Triton kernels (GPU; on CPU only under `TRITON_INTERPRET=1`).
 - `te_fp8`:    the chunked algorithm with the LM-head GEMMs in FP8 through Transformer Engine (Hopper GPUs).
+- `auto`:      `default_impl(device)`: triton on CUDA (bf16 operands read as they are, fp32 accumulation and
+               outputs; `chunked` would upcast the whole head to fp32 GEMMs), chunked elsewhere.
 
 Tensor parallelism (`tp_group`): each rank passes its vocabulary shard of the LM head; the per-shard partial
 statistics are combined with all-reduces (`vocab_parallel.py`).
@@ -29,7 +31,20 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-IMPLS = ("reference", "chunked", "triton", "te_fp8")
+IMPLS = ("auto", "reference", "chunked", "triton", "te_fp8")
+
+
+def default_impl(device, dtype=None) -> str:
+    """What impl="auto" runs for `dtype` tensors on `device`: triton on CUDA when the package is there (it
+    computes in fp32, so not for float64), else chunked."""
+    import importlib.util
+
+    import torch
+
+    on_cuda = getattr(device, "type", device) == "cuda"
+    if on_cuda and dtype != torch.float64 and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "chunked"
 
 
 @dataclass
@@ -41,7 +56,7 @@ class LogprobEntropy:
 
 def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int = 0,
                           vocab_size: int | None = None, temperature: float = 1.0, tp_group=None,
-                          impl: str = "chunked", chunk_size: int | None = None,
+                          impl: str = "auto", chunk_size: int | None = None,
                           reduce_hidden_grad: bool = True,
                           accumulate_into_main_grad: bool | None = None) -> LogprobEntropy:
     """hidden [N, D]; weight = this rank's LM-head shard [V_local, D] holding global vocab ids
@@ -64,6 +79,8 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
                         temperature=temperature, tp_group=tp_group, chunk_size=chunk_size,
                         reduce_hidden_grad=reduce_hidden_grad,
                         accumulate_into_main_grad=accumulate_into_main_grad)
+    if impl == "auto":
+        impl = default_impl(hidden.device, hidden.dtype)
     if impl == "reference":
         from megahybrid.kernels.reference import reference_logprob_entropy as fn
     elif impl == "chunked":
@@ -82,4 +99,4 @@ def token_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, vo
     return LogprobEntropy(logp=logp, entropy=entropy, lse=lse)
 
 
-__all__ = ["IMPLS", "LogprobEntropy", "token_logprob_entropy"]
+__all__ = ["IMPLS", "LogprobEntropy", "default_impl", "token_logprob_entropy"]

@@ -3,8 +3,10 @@
 Tokens go in chunks. A chunk's logits [n, V_local] come from a `transformer_engine.pytorch.Linear` (no bias)
 whose weight parameter shares storage with this rank's LM-head shard, run under TE's autocast with the
 `Float8CurrentScaling` recipe: per-tensor scales are computed from each GEMM's own operands, so there is no amax
-history to keep and a module built per call is exact to the recipe. Backward recomputes each chunk's logits through
-the same module and back-propagates the closed-form logit gradient (function.py) through it, so dgrad and wgrad are
+history to keep and one module per (shape, dtype, device), re-pointed at the current weight before each use, is
+exact to the recipe (building a te.Linear allocates and initialises a [V_local, D] weight: per call, that was
+about 0.5 GB of allocation and a random init at the 7B head, twice per micro-batch). Backward recomputes each
+chunk's logits through the same module and back-propagates the closed-form logit gradient (function.py) through it, so dgrad and wgrad are
 TE's FP8 GEMMs too (E5M2 gradients under the HYBRID format). The reductions (max, exp, sums) stay in fp32.
 
 FP8 operands make logits accurate to about 1e-2 relative, not the 1e-5 of the fp32 implementations: use it where
@@ -12,6 +14,8 @@ that trade is wanted (large-vocabulary RL on H100s). On a machine without CUDA o
 op raises a RuntimeError naming what is missing. Transformer Engine is imported only when this path runs.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -66,6 +70,12 @@ def _autocast(te, recipe):
     return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe)
 
 
+@functools.lru_cache(maxsize=8)
+def _te_linear(te, dim: int, rows: int, dtype: torch.dtype, device: torch.device):
+    """The te.Linear [rows, dim] for this shape (its own initial weight is replaced before every use)."""
+    return te.Linear(dim, rows, bias=False, params_dtype=dtype, device=device)
+
+
 class TEFp8Backend:
     def __init__(self, hidden: Tensor, weight: Tensor, args: KernelArgs):
         self.te, self.recipe = _load_te(hidden)
@@ -74,8 +84,8 @@ class TEFp8Backend:
             raise ValueError(f"token_logprob_entropy(impl='te_fp8'): FP8 GEMMs need the hidden size ({dim}) and the "
                              f"local vocabulary rows ({rows}) divisible by {FP8_ALIGN}; pad the vocabulary "
                              "(Megatron's make_vocab_size_divisible_by) or use impl='chunked'")
-        self.head = self.te.Linear(dim, rows, bias=False, params_dtype=weight.dtype, device=weight.device)
-        self.head.weight = torch.nn.Parameter(weight.detach(), requires_grad=True)  # shares storage: no copy
+        self.head = _te_linear(self.te, dim, rows, weight.dtype, weight.device)
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=True)  # shares storage: no copy
         per_chunk = args.chunk_size or max(FP8_ALIGN, CHUNK_ELEMENTS // max(rows, 1))
         self.tok_chunk = -(-per_chunk // FP8_ALIGN) * FP8_ALIGN
 
@@ -84,6 +94,7 @@ class TEFp8Backend:
         pad = -h.shape[0] % FP8_ALIGN
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        self.head.weight = self.weight  # the shared module may have served another head since (e.g. the reference)
         with _autocast(self.te, self.recipe):
             return self.head(h)
 
@@ -110,7 +121,7 @@ class TEFp8Backend:
         grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w and main_grad is None \
             else None
-        inputs_of = lambda h: [x for x, need in ((h, need_h), (self.head.weight, need_w)) if need]  # noqa: E731
+        inputs_of = lambda h: [x for x, need in ((h, need_h), (self.weight, need_w)) if need]  # noqa: E731
         for n0 in range(0, hidden.shape[0], self.tok_chunk):
             sl = slice(n0, n0 + self.tok_chunk)
             h = hidden[sl].detach().requires_grad_(need_h)
