@@ -11,16 +11,20 @@ On a cluster, Slurm + torchrun (slurm/common.sh) set RANK/WORLD_SIZE and this mo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from megahybrid.parallel.process_report import children_map, describe_exit, descendants, oom_kill_count, rss_bytes
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+FULL_DISK_BYTES = 64 << 20
+"""A file system with less free space than this (or than 1% of its size, if smaller) counts as full."""
 
 
 def under_distributed_launcher() -> bool:
@@ -46,7 +50,37 @@ def launch(world_size: int, argv: list[str], *, poll_s: float = 0.2) -> int:
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "megahybrid", *argv], env=env))
-    return supervise(procs, poll_s=poll_s)
+    return supervise(procs, poll_s=poll_s, watch_dirs=_run_dirs(argv))
+
+
+def _run_dirs(argv: list[str]) -> list[str]:
+    """The directories a `train` run writes (checked for a full disk when a rank fails)."""
+    if not argv or argv[0] != "train" or len(argv) < 2:
+        return []
+    try:
+        from megahybrid.config.loader import load_config
+
+        cfg = load_config(argv[1], argv[2:])
+    except Exception:  # the ranks report a bad config themselves
+        return []
+    return [d for d in (cfg.train.run_dir, cfg.rollout.sync_dir) if d]
+
+
+def full_disk_hint(dirs: list[str]) -> str | None:
+    """A message when a directory's file system is (nearly) full: a write there has most likely just failed."""
+    for d in dirs:
+        path = Path(d).absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            usage = shutil.disk_usage(path)
+        except OSError:
+            continue
+        if usage.free < min(FULL_DISK_BYTES, usage.total // 100):
+            return (f"the file system of {d} is full ({usage.free >> 10} KiB free of {usage.total >> 20} MiB): "
+                    "a write there failed. Free space, then run the same command again: resume: auto continues "
+                    "from the newest complete checkpoint (a partial one is ignored)")
+    return None
 
 
 def become_subreaper() -> bool:
@@ -60,8 +94,8 @@ def become_subreaper() -> bool:
         return False
 
 
-def supervise(procs: list[subprocess.Popen], *, poll_s: float = 0.2, grace_s: float = 2.0,
-              stop_timeout_s: float = 30.0) -> int:
+def supervise(procs: list[subprocess.Popen], *, poll_s: float = 0.2, grace_s: float = 10.0,
+              stop_timeout_s: float = 30.0, watch_dirs: list[str] = ()) -> int:
     """Wait for the ranks `procs` (rank i = procs[i]); forward signals; fail fast and say why a rank died.
 
     Returns 0 when every rank exits 0; otherwise the failed rank's code, 128 + N for death by signal N.
@@ -80,7 +114,7 @@ def supervise(procs: list[subprocess.Popen], *, poll_s: float = 0.2, grace_s: fl
             codes = [p.poll() for p in procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                return _fail(procs, failed, memory, grace_s, stop_timeout_s)
+                return _fail(procs, failed, memory, grace_s, stop_timeout_s, list(watch_dirs))
             if all(c == 0 for c in codes):
                 return 0
             memory.sample()
@@ -91,19 +125,24 @@ def supervise(procs: list[subprocess.Popen], *, poll_s: float = 0.2, grace_s: fl
         reap_orphans(procs, exclude=before)
 
 
-def _fail(procs, failed: list[int], memory: "_MemoryWatch", grace_s: float, stop_timeout_s: float) -> int:
-    # a signal death is the cause; ranks that exit 1 in the same poll are usually its victims (broken collective)
+def _fail(procs, failed: list[int], memory: "_MemoryWatch", grace_s: float, stop_timeout_s: float,
+          watch_dirs: list[str]) -> int:
+    # fail fast: one rank's error would leave the others blocked in a collective forever. The grace lets them
+    # notice the broken connection (or finish reporting their own error) and close their engines themselves;
+    # SIGTERM is not sent, since it asks a rank to checkpoint (pre-emption), and a checkpoint needs every rank
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    # every rank that failed by now, a signal death first: ranks that exit 1 next to it are usually its victims
+    failed += [r for r, p in enumerate(procs) if p.poll() not in (None, 0) and r not in failed]
     failed.sort(key=lambda r: procs[r].returncode >= 0)
     for r in failed:
         p = procs[r]
         print(f"[megahybrid] {describe_exit(f'rank {r}', p.pid, p.returncode, **memory.report(r))}",
               file=sys.stderr, flush=True)
-    # fail fast: one rank's error would leave the others blocked in a collective forever. The grace lets them
-    # notice the broken connection and close their engines themselves; SIGTERM is not sent, since it asks a
-    # rank to checkpoint (pre-emption), and a checkpoint needs the rank that is gone
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.1)
+    hint = full_disk_hint(watch_dirs)
+    if hint:
+        print(f"[megahybrid] {hint}", file=sys.stderr, flush=True)
     alive = [r for r, p in enumerate(procs) if p.poll() is None]
     if alive:
         print(f"[megahybrid] stopping ranks {', '.join(map(str, alive))}", file=sys.stderr, flush=True)
@@ -123,6 +162,7 @@ def reap_orphans(procs: list[subprocess.Popen], exclude: set[int] = frozenset())
     the engines and reward workers of ranks that died before closing them. Returns how many there were."""
     skip = {p.pid for p in procs} | set(exclude)
     orphans = [pid for pid in children_map().get(os.getpid(), []) if pid not in skip]
+    live = [pid for pid in orphans if not _is_zombie(pid)]  # zombies are only reaped, not reported
     for pid in orphans:
         try:
             # workers lead their own session (and process group): the group holds their children too
@@ -134,10 +174,18 @@ def reap_orphans(procs: list[subprocess.Popen], exclude: set[int] = frozenset())
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    if orphans:
-        print(f"[megahybrid] stopped {len(orphans)} orphaned engine/reward process(es): "
-              f"{', '.join(map(str, orphans))}", file=sys.stderr, flush=True)
-    return len(orphans)
+    if live:
+        print(f"[megahybrid] stopped {len(live)} orphaned engine/reward process(es): "
+              f"{', '.join(map(str, live))}", file=sys.stderr, flush=True)
+    return len(live)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
 
 
 class _MemoryWatch:
