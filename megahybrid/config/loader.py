@@ -262,7 +262,15 @@ def from_dict(data: dict, source: str = "<config>") -> RunConfig:
     cfg = conv.section(RunConfig, data, "")
     if conv.problems:
         raise ConfigError(conv.problems)
-    return cfg
+    # the architecture comes from model.hf_path's config.json (here, before validation, so every check sees the
+    # real shape); the YAML's own `model:` keys are what it states, checked against the checkpoint
+    from megahybrid.model.hf_config import apply_checkpoint
+
+    given = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model, problems = apply_checkpoint(cfg.model, given)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return dataclasses.replace(cfg, model=model)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, validate: bool = True) -> RunConfig:

@@ -81,3 +81,74 @@ def hf_config_dict(m: ModelConfig) -> dict[str, Any]:
     out = cfg.to_dict()
     out["architectures"] = ["LlamaForCausalLM" if m.family == "llama" else "Qwen2ForCausalLM"]
     return out
+
+
+# ------------------------------------------------------------------------------------ model by name / checkpoint
+BUILTIN_PREFIX = "builtin:"
+
+
+def _smollm2() -> str:
+    from megahybrid.model.smollm2 import smollm2_hf_dir
+
+    return smollm2_hf_dir()
+
+
+# name -> function returning the HF folder (converted on first use, cached)
+BUILTIN_MODELS = {"smollm2-135m-instruct": _smollm2}
+
+
+def resolve_hf_path(path: str, key: str = "model.hf_path") -> str:
+    """`builtin:NAME` -> the folder of a model shipped offline (converted once); any other value unchanged."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"{key}: unknown builtin model {name!r}; available: "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name]()
+
+
+# ModelConfig field -> the config.json key it is read from (what an error names). rotary_base and
+# max_position_embeddings are absent on purpose: a value in the YAML is a deliberate override (SRFT 7B).
+CHECKPOINT_FIELDS = {
+    "family": "architectures", "num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+    "norm_epsilon": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings", "add_qkv_bias": "architectures"}
+
+
+def apply_checkpoint(m: ModelConfig, given: dict[str, Any]) -> tuple[ModelConfig, list[str]]:
+    """`m` with `hf_path`/`tokenizer` resolved (`builtin:NAME`) and, when the checkpoint's config.json is on this
+    machine, its architecture taken from there (`given` = the YAML's `model:` keys: only those are the config's
+    statements). Returns (config, problems); a stated field that disagrees with the checkpoint is a problem naming
+    both values, never silently used. A checkpoint not present here (a cluster path) leaves `m` as configured."""
+    problems: list[str] = []
+    try:
+        if m.tokenizer:
+            m = dataclasses.replace(m, tokenizer=resolve_hf_path(m.tokenizer, "model.tokenizer"))
+        if not m.hf_path:
+            return m, problems
+        m = dataclasses.replace(m, hf_path=resolve_hf_path(m.hf_path))
+    except (ValueError, OSError, ImportError) as exc:
+        return m, [str(exc)]
+    where = os.path.join(m.hf_path, "config.json")
+    if not os.path.isfile(where):
+        return m, problems
+    try:
+        hf = read_hf_config(m.hf_path)
+        if "max_position_embeddings" not in given:  # a config states only what it changes
+            m = dataclasses.replace(m, max_position_embeddings=int(hf.get("max_position_embeddings",
+                                                                          m.max_position_embeddings)))
+        effective = model_config_from_hf(m.hf_path, m)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return m, [f"model.hf_path: {where}: cannot read the model config ({type(exc).__name__}: {exc})"]
+    for field, hf_key in CHECKPOINT_FIELDS.items():
+        if field not in given or given[field] is None:
+            continue
+        stated = getattr(m, field) if field != "add_qkv_bias" else m.qkv_bias
+        actual = getattr(effective, field) if field != "add_qkv_bias" else effective.qkv_bias
+        if stated != actual:
+            problems.append(f"model.{field}: the config says {stated!r} but the checkpoint {where} has "
+                            f"{hf_key}={hf.get(hf_key)!r} (= model.{field} {actual!r}); drop the key (the checkpoint "
+                            f"decides the architecture) or point model.hf_path at another checkpoint")
+    return effective, problems

@@ -11,15 +11,17 @@ import torch
 from megahybrid.config.schema import ModelConfig, RunConfig
 from megahybrid.model import convert, spec
 from megahybrid.model.gpt import HeadInfo, PolicyGPTModel
-from megahybrid.model.hf_config import model_config_from_hf
+from megahybrid.model.hf_config import model_config_from_hf, resolve_hf_path
 from megahybrid.model.hf_io import HFCheckpointReader
 from megahybrid.model.policy import Policy
 from megahybrid.parallel.init import ParallelState
 
 
 def effective_model_config(cfg: RunConfig) -> ModelConfig:
-    """cfg.model, with the architecture read from `model.hf_path/config.json` when a checkpoint is given."""
-    return model_config_from_hf(cfg.model.hf_path, cfg.model) if cfg.model.hf_path else cfg.model
+    """cfg.model, with the architecture read from `model.hf_path/config.json` when a checkpoint is given (a config
+    built in code, not loaded from YAML, may still name `builtin:NAME`)."""
+    m = cfg.model
+    return model_config_from_hf(resolve_hf_path(m.hf_path), m) if m.hf_path else m
 
 
 def check_layout(m: ModelConfig, cfg: RunConfig) -> None:
