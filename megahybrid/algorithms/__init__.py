@@ -1,7 +1,7 @@
 """Pure tensor math of every training method (SPEC.md sections 1-4). No torch.distributed/megatron/vllm here.
 
 Methods (one registered file each): `sft`, `sft_kl` (sft.py), `grpo`, `srft`, `superrl`, `sasr`, `srl`, and the
-SPEC 10.C ones `luffy`, `chord`, `hpt`, `dft`.
+SPEC 10.C ones `luffy`, `chord`, `relift`, `hpt`, `dft`.
 Shared pieces: losses.py (aggregation with global normalisation, clipped / demo surrogates, log-ratio clamp, SFT token
 weights, KL k1/k2/k3), correction.py (rollout correction weights and drift statistics, SPEC 10.B),
 advantages.py (group advantages, dynamic-sampling filter), common.py (token groups, statistics, PG/SFT terms).
@@ -30,7 +30,7 @@ Metric keys. "share" = additive share returned by `loss` (the caller sums over m
 
 | `mismatch/logp_abs_diff_mean`, `_max`, `mismatch/k1`, `mismatch/k3`, `mismatch/mult_prob_error` | final | every step with engine log-probs | engine/trainer drift (SPEC 10.B) |
 | `rollout_corr/weight_mean|max|min`, `rollout_corr/ess`, `rollout_corr/clip_frac` or `masked_frac` | final | rollout.correction != none | correction weights |
-| `luffy/*`, `chord/*`, `hpt/*`, `dft/*` | share / final | those methods | see each file's docstring |
+| `luffy/*`, `chord/*`, `hpt/*`, `dft/*`, `relift/*` | share / final | those methods | see each file's docstring |
 
 The grad norm is logged by the trainer (`actor/grad_norm`).
 """

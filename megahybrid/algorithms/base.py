@@ -5,6 +5,7 @@ Flow of one step (the trainer never branches on a method's name, only on these d
     plan = algo.plan(step)                          # rollouts this step? demos? (SASR: SFT vs GRPO step)
     batch = <rollouts (if plan.rollouts) + demos (if plan.demos)>, rewards, old logp/entropy (no-grad pass)
     keep = algo.keep_sequences(batch)               # dynamic sampling (GRPO filter, SRL std filter)
+    algo.observe_groups(step, summaries)            # every rank sees the step's groups (ReLIFT's buffer)
     batch, local_stats = algo.prepare_batch(batch, plan)  # rollout correction + drift stats, then prepare():
                                                     # advantages, gates, weights on this rank's whole groups
     stats = all_reduce(local_stats)                 # over data-parallel ranks (the caller's job): SUM, and MAX
@@ -12,6 +13,8 @@ Flow of one step (the trainer never branches on a method's name, only on these d
     for mb in micro-batches of batch:
         loss, metrics = algo.loss(mb, logp, entropy, stats, plan)   # additive share of the global loss
     algo.after_step(plan, grad_norm)                # SASR grad-norm bookkeeping
+    for phase in algo.extra_phases(step):           # optional extra optimizer steps on demos (ReLIFT's SFT phase)
+        <optimizer steps with algo.extra_loss>; algo.after_extra_phase(phase, metrics)
 
 Global normalisation (rule 2): `loss` returns the micro-batch's *share*: summing the shares of all micro-batches
 on all data-parallel ranks gives the loss of SPEC.md. So the caller sums gradients (no averaging over micro-batches
@@ -106,6 +109,38 @@ class StepPlan:
     """Scheduler metrics of this decision (e.g. sasr/p, sasr/is_sft)."""
 
 
+@dataclass
+class GroupSummary:
+    """What every rank knows about one prompt group of the step (the groups are broadcast from rank 0)."""
+
+    example_index: int
+    """Index of the example in the training set."""
+    rollout_rewards: list[float]
+    """Rewards of the group's rollouts."""
+    num_demos: int
+    """Demonstrations the example has (whether or not this step loaded them)."""
+
+
+@dataclass
+class ExtraPhase:
+    """Extra optimizer steps after a step's update (e.g. ReLIFT's SFT phase): train on demonstrations `examples`
+    in `mini_batch`-example optimizer steps for `epochs` passes, with an optimizer of its own (`optimizer`: AdamW
+    settings; its state is checkpointed by the trainer under `name`), loss `Algorithm.extra_loss`."""
+
+    name: str
+    """Label (metric prefix and checkpoint key of the phase's optimizer)."""
+    examples: list[tuple[int, int]]
+    """(training-set example index, demo index) of each demonstration to train on, in order."""
+    mini_batch: int
+    """Examples per optimizer step."""
+    epochs: int = 1
+    """Passes over `examples`."""
+    optimizer: dict[str, float] = field(default_factory=dict)
+    """`lr`, `weight_decay`, `adam_beta1`, `adam_beta2`, `clip_grad` of the phase's own AdamW."""
+    temperature: float = 1.0
+    """Temperature of the phase's forward."""
+
+
 class Algorithm(abc.ABC):
     """Base class of a registered training method. Subclasses set `Config` and the `needs_*` declarations."""
 
@@ -188,6 +223,25 @@ class Algorithm(abc.ABC):
 
     def after_step(self, plan: StepPlan, grad_norm: float) -> dict[str, float]:
         """Bookkeeping after the optimizer step (SASR records SFT grad norms). Returns metrics."""
+        return {}
+
+    def observe_groups(self, step: int, groups: list[GroupSummary]) -> dict[str, float]:
+        """Sees the step's prompt groups (identical on every rank) before training; returns final metrics. For
+        methods whose later steps depend on what happened to which example (ReLIFT's buffer)."""
+        return {}
+
+    def extra_phases(self, step: int) -> list[ExtraPhase]:
+        """Extra optimizer steps to run after this step's update and `after_step` (default: none)."""
+        return []
+
+    def extra_loss(self, phase: ExtraPhase, mb: Batch, logp: Tensor, entropy: Tensor,
+                   stats: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss share of an extra phase's micro-batch (demo sequences only; `stats` = all-reduced `base_stats`)."""
+        raise NotImplementedError(f"{type(self).__name__} plans extra phases but has no extra_loss")
+
+    def after_extra_phase(self, phase: ExtraPhase, metrics: dict[str, float]) -> dict[str, float]:
+        """Bookkeeping after an extra phase ran (`metrics`: its summed loss shares and `grad_norm`); returns final
+        metrics."""
         return {}
 
     def parameters(self) -> list[torch.nn.Parameter]:

@@ -114,17 +114,17 @@ def rollout_correction_problems(cfg: RunConfig) -> list[str]:
                         f"tis_cap is an alias for rollout.is_cap, set only one")
     if ro.is_cap is not None and ro.is_cap <= 0:
         problems.append(f"rollout.is_cap: must be > 0, got {ro.is_cap}")
+    try:
+        algo_cls = get_algorithm(cfg.algorithm.name)
+    except KeyError:
+        algo_cls = None  # an unknown name is reported by the loader
     corr = Correction.resolve(ro, cfg.algorithm)
     if ro.is_lo < 0 or ro.is_lo > corr.is_cap:
         problems.append(f"rollout.is_lo: must be in [0, rollout.is_cap ({corr.is_cap})], got {ro.is_lo}")
     if corr.mask_lo > corr.mask_hi:
         problems.append(f"rollout.mask_lo ({corr.mask_lo}) must be <= rollout.mask_hi ({corr.mask_hi})")
-    if corr.mode != "none":
-        try:
-            has_rollouts = get_algorithm(cfg.algorithm.name).needs_rollouts
-        except KeyError:
-            has_rollouts = True  # an unknown name is reported by the loader
-        if not has_rollouts:
+    if corr.mode != "none" and algo_cls is not None:
+        if not algo_cls.needs_rollouts:
             problems.append(f"rollout.correction={corr.mode} needs engine log-probs, but algorithm "
                             f"{cfg.algorithm.name} trains without rollouts (set rollout.correction: none)")
     if ro.max_mismatch_k3 is not None and ro.max_mismatch_k3 < 0:

@@ -22,6 +22,7 @@ from megahybrid.config.schema import RunConfig
 from megahybrid.parallel.collectives import collective_device
 from megahybrid.training.batching import Group, collate, length_multiple, micro_batches, shard_groups
 from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
+from megahybrid.training.extra_phase import ExtraPhaseRunner, group_summaries
 from megahybrid.training.mismatch import MismatchAlarm
 from megahybrid.training.signals import agree
 
@@ -44,6 +45,7 @@ class Trainer:
         self.algo: Algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm, seed=cfg.train.seed,
                                                                  total_steps=cfg.train.steps, rollout=cfg.rollout)
         self.mismatch_alarm = MismatchAlarm(cfg.rollout.max_mismatch_k3, cfg.rollout.mismatch_patience)
+        self.extra_phases = ExtraPhaseRunner(self)
         self.policy = build_policy(cfg, ps, extra_parameters=self.algo.parameters())
         self.reference = build_reference(cfg, ps) if self.algo.needs_ref else None
         self.sampler = PromptSampler(len(train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -94,6 +96,7 @@ class Trainer:
         plan = self.algo.plan(self.step)
         sync_s = self.sync_engines() if plan.rollouts else 0.0
         groups, metrics = self._collect_groups(plan)
+        metrics.update(self.algo.observe_groups(self.step, group_summaries(groups, self.train_set)))
         metrics["time/sync_s"] = sync_s
         if not groups:
             # dynamic sampling kept no group within train.max_sample_rounds: no update this step (an optimizer
@@ -125,6 +128,8 @@ class Trainer:
         if plan.kind in ("sft", "rl"):  # hybrid methods log their own routing fraction
             metrics["train/sft_frac"] = 1.0 if plan.kind == "sft" else 0.0
         metrics.update(self.algo.after_step(plan, float(result.grad_norm)))
+        for phase in self.algo.extra_phases(self.step):  # e.g. ReLIFT's SFT phase, on its own optimizer
+            metrics.update(self.extra_phases.run(phase))
         metrics.update(self._batch_metrics(groups))
         metrics["time/step_s"] = time.perf_counter() - t_step
         num_tokens = self._all_reduce_sum({"n": batch.response_mask.sum().double()})["n"]
@@ -257,6 +262,7 @@ class Trainer:
         staging = self.ckpts.staging(self.step) if self.is_rank0 else None
         staging = self._broadcast(str(staging) if staging else None)
         self.policy.save(staging, self.extra_state())
+        self.extra_phases.save(Path(staging))  # per-rank optimizer states of extra phases (ReLIFT's SFT)
         self._barrier()
         final = self.ckpts.commit(Path(staging), self.step) if self.is_rank0 else None
         self._barrier()
@@ -276,6 +282,7 @@ class Trainer:
         if latest is None:
             return
         state = self.policy.load(latest)
+        self.extra_phases.load(Path(latest))
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.algo.load_state_dict(state["algorithm"])

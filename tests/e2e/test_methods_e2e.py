@@ -33,3 +33,33 @@ def test_one_step_of_each_method(tmp_path, name, overrides, keys):
     assert math.isfinite(record["actor/grad_norm"]) and record["actor/grad_norm"] > 0
     if "mismatch/k3" in record:  # engine and trainer hold the same weights: small drift, never negative
         assert 0 <= record["mismatch/k3"] < 0.5
+
+
+def sft_optimizer_steps(run_dir, step: int) -> int:
+    """Adam step count of ReLIFT's SFT-phase optimizer in the checkpoint of `step` (each rank saves its own)."""
+    import torch
+
+    counts = set()
+    for rank in range(2):
+        path = run_dir / "checkpoints" / f"step_{step:06d}" / f"megahybrid_extra_optimizers_rank{rank:05d}.pt"
+        state = torch.load(path, weights_only=False)["optimizers"]["relift_sft"]["state"]
+        counts |= {int(v["step"]) for v in state.values()}
+    assert len(counts) == 1, counts  # data-parallel replicas took the same steps
+    return counts.pop()
+
+
+def test_relift_sft_phase_and_its_state_survive_a_resume(tmp_path):
+    """A random-init policy solves almost nothing, so its prompts go to the buffer and an SFT phase (2 optimizer
+    steps of one example) runs as soon as 2 are buffered. The buffer and the SFT optimizer state are checkpointed:
+    after a resume the SFT Adam step count continues from the saved one instead of restarting."""
+    run_dir = tmp_path / "relift"
+    common = ["algorithm.name=relift", "algorithm.buffer_size=2", "algorithm.sft_mini_batch=1", "train.eval_every=0",
+              "data.num_eval=2", "train.save_every=1"]
+    run_train(run_dir, *common, "train.steps=1")
+    (first,) = [r for r in metrics(run_dir) if "actor/grad_norm" in r]
+    assert first["relift/sft_phase"] == 1.0 and math.isfinite(first["relift/sft_loss"])
+    assert first["relift/sft_grad_norm"] > 0
+    assert sft_optimizer_steps(run_dir, 1) == 2
+    run_train(run_dir, *common, "train.steps=2")
+    second = [r for r in metrics(run_dir) if "actor/grad_norm" in r][-1]
+    assert sft_optimizer_steps(run_dir, 2) == 2 + 2 * int(second["relift/sft_phase"])
