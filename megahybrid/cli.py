@@ -1,4 +1,4 @@
-"""`megahybrid` command line: config check, train, eval, compare, plan, data make.
+"""`megahybrid` command line: config check, train, eval, export, compare, plan, data make.
 
 Configuration errors exit with code 2 and one line per problem naming the dotted key (and the file); bad data
 (a missing file, a malformed row, an over-long prompt) exits with code 2 and one line naming file:line:field; bad
@@ -38,6 +38,12 @@ def _eval(args: argparse.Namespace) -> int:
     from megahybrid.training.entry import run_evaluation
 
     return run_evaluation(args.config, args.overrides, checkpoint=args.checkpoint)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from megahybrid.training.export import run_export
+
+    return run_export(args.checkpoint, args.out, config=args.config, overrides=args.overrides, force=args.force)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -112,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from step 0: an existing train.run_dir is moved aside to <run_dir>.old-<time>")
     ev = add("eval", _eval, "evaluate a checkpoint on the held-out split (avg@k / pass@k)")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: newest)")
+    export = sub.add_parser("export", help="write a checkpoint (any TP/PP layout) as a Hugging Face folder")
+    export.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    export.add_argument("--out", required=True, help="Hugging Face folder to write (appears whole or not at all)")
+    export.add_argument("--config", help="run config (default: the run directory's config.yaml)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    export.add_argument("overrides", nargs="*", help="dotted overrides of the run config")
+    export.set_defaults(fn=_export)
     add("compare", _compare, "run several methods with the same budget and write comparison.md + plots")
     add("plan", _plan, "print the parallel layout and per-GPU memory estimate of a config")
 

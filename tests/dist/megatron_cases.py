@@ -65,6 +65,13 @@ def make_loss_fn(sigma: torch.Tensor, num_tokens: float):
     return loss_fn
 
 
+def chat_prompt_rows(tok, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as one user turn through the tokenizer's chat template (generation prompt on)."""
+    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=False) for p in prompts]
+    return [list(r["input_ids"]) if isinstance(r, dict) else list(r) for r in rows]
+
+
 def hf_logp_entropy(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[S, T] aligned log-probs / entropies (position 0 = 0) from a transformers model's logits."""
     logits = model(tokens).logits

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers, also under --import-mode=importlib
-from megatron_cases import hf_logp_entropy, launch  # noqa: E402
+from megatron_cases import chat_prompt_rows, hf_logp_entropy, launch  # noqa: E402
 
 PROMPTS = ["What is 7 times 8?", "Name the capital of France.", "Write a haiku about the sea, please."]
 
@@ -21,9 +21,7 @@ def smollm2(tmp_path_factory):
 
     hf_dir = smollm2_hf_dir()
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for p in PROMPTS]
-    rows = [list(r["input_ids"]) if isinstance(r, dict) else list(r) for r in rows]
+    rows = chat_prompt_rows(tok, PROMPTS)
     lengths = [len(r) for r in rows]
     tokens = torch.full((len(rows), max(lengths)), tok.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):
