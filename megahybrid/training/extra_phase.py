@@ -138,4 +138,5 @@ class ExtraPhaseRunner:
     def _layout(self) -> dict[str, int]:
         ps, par = self.trainer.ps, self.trainer.cfg.parallel
         return {"world_size": ps.world_size, "tensor": par.tensor_model_parallel_size,
-                "pipeline": par.pipeline_model_parallel_size, "distributed_optimizer": int(par.use_distributed_optimizer)}
+                "pipeline": par.pipeline_model_parallel_size,
+                "distributed_optimizer": int(par.use_distributed_optimizer)}
