@@ -48,6 +48,8 @@ class _Worker:
     ready: bool = False
     job: int | None = None
     deadline: float = 0.0
+    start_failures: int = 0
+    """Consecutive deaths before "ready" (a restart may die too, e.g. killed while importing)."""
 
 
 class RewardPool(WorkerPoolBase):
@@ -140,9 +142,16 @@ class RewardPool(WorkerPoolBase):
 
     def _handle(self, w: _Worker, msg, result: RewardResult) -> None:
         if not w.ready:
-            if msg is None or msg[0] != "ready":
-                raise RuntimeError("reward worker failed to start (python -m megahybrid.rewards.worker)")
-            w.ready = True
+            if msg is not None and msg[0] == "ready":
+                w.ready, w.start_failures = True, 0
+                return
+            w.start_failures += 1
+            if w.start_failures >= 3:  # a broken environment, not bad luck
+                raise RuntimeError("reward worker failed to start (python -m megahybrid.rewards.worker): "
+                                   f"{self._how_it_ended(w)}, {w.start_failures} times in a row")
+            print(f"[megahybrid] {self._how_it_ended(w)} while starting; starting another", file=sys.stderr,
+                  flush=True)
+            self._restart(w)
             return
         if msg is None:  # the worker died: retry the check once on a fresh worker, then score it 0
             self._crashes[w.job] += 1
@@ -150,12 +159,9 @@ class RewardPool(WorkerPoolBase):
                 self._queue.appendleft(w.job)
             else:
                 result.num_errors += 1  # it crashes every worker it meets (e.g. overflows a parser's C stack)
-            try:
-                how = describe_exit("reward worker", w.proc.pid, w.proc.wait(timeout=5))
-            except TimeoutExpired:  # the connection closes a moment before the process is gone
-                how = f"reward worker (pid {w.proc.pid}) closed its connection"
             retry = "retried on a fresh worker" if self._crashes[w.job] < 2 else "scored 0 (it crashed twice)"
-            print(f"[megahybrid] {how}; restarting it, the check is {retry}", file=sys.stderr, flush=True)
+            print(f"[megahybrid] {self._how_it_ended(w)}; restarting it, the check is {retry}", file=sys.stderr,
+                  flush=True)
             self._restart(w)
             return
         job, status, score, _ = msg
@@ -163,6 +169,13 @@ class RewardPool(WorkerPoolBase):
         result.scores[job] = score if status == "ok" else 0.0
         result.num_timeouts += status == "timeout"
         result.num_errors += status == "error"
+
+    @staticmethod
+    def _how_it_ended(w: _Worker) -> str:
+        try:
+            return describe_exit("reward worker", w.proc.pid, w.proc.wait(timeout=5))
+        except TimeoutExpired:  # the connection closes a moment before the process is gone
+            return f"reward worker (pid {w.proc.pid}) closed its connection"
 
     def close(self) -> None:
         for w in self._workers:  # workers hold no state worth a graceful exit

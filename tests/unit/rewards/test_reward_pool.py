@@ -89,6 +89,15 @@ def test_crashed_worker_is_restarted_and_check_retried(pool):
     assert pool.num_restarts >= restarts + 2
 
 
+def test_worker_killed_while_starting_is_started_again(capfd):
+    with RewardPool(RewardConfig(name="math", timeout_s=3.0, num_workers=1)) as p:
+        pid = p.pids()[0]
+        os.kill(pid, signal.SIGKILL)  # still importing Math-Verify: it never said "ready"
+        assert p.score(["\\boxed{3}"], ["3"]).scores == [1.0]
+        assert p.num_restarts == 1
+    assert f"reward worker (pid {pid}) was killed by SIGKILL while starting; starting another" in capfd.readouterr().err
+
+
 def test_exact_in_process_and_format_coef():
     with RewardPool(RewardConfig(name="exact", format_coef=0.5)) as p:
         assert p.pids() == []  # no worker processes for the in-process reward
