@@ -35,9 +35,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from megahybrid.training.entry import run_evaluation
+    from megahybrid.training.evaluate_checkpoint import run_eval
 
-    return run_evaluation(args.config, args.overrides, checkpoint=args.checkpoint)
+    return run_eval(args.config, args.overrides, checkpoint=args.checkpoint, model=args.model)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = add("train", _train, "run training (single process or under torchrun)")
     train.add_argument("--fresh", action="store_true",
                        help="start from step 0: an existing train.run_dir is moved aside to <run_dir>.old-<time>")
-    ev = add("eval", _eval, "evaluate a checkpoint on the held-out split (avg@k / pass@k)")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: newest)")
+    ev = add("eval", _eval, "evaluate a checkpoint or a Hugging Face model on the held-out split (avg@k / pass@k)")
+    ev.add_argument("--checkpoint", help="checkpoint directory (or a run directory: newest; an HF folder works too)")
+    ev.add_argument("--model", help="Hugging Face folder (the base model, an export) or builtin:NAME")
     export = sub.add_parser("export", help="write a checkpoint (any TP/PP layout) as a Hugging Face folder")
     export.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
     export.add_argument("--out", required=True, help="Hugging Face folder to write (appears whole or not at all)")

@@ -1,7 +1,11 @@
-"""`megahybrid export` publishes the folder whole or not at all. The writer is made to fail after the weights are
+"""Tiny random Llama, one process: `megahybrid export` and `megahybrid eval` on Hugging Face folders.
+
+`megahybrid export` publishes the folder whole or not at all. The writer is made to fail after the weights are
 on disk but before the config (an injected fault: a real crash cannot be produced at that point on demand): no
 --out folder and no staging folder remain. A staging folder of a killed export is cleaned by the next one; an
-existing --out is refused (exit 2). Tiny random Llama, one process."""
+existing --out is refused (exit 2).
+`megahybrid eval --model EXPORT` runs the config's held-out evaluation (its eval_n, eval_max_new_tokens) on the
+folder, and `--checkpoint RUN_DIR` of the same weights gives the same numbers (one seeded sampler, two routes)."""
 from __future__ import annotations
 
 import json
@@ -81,3 +85,33 @@ def test_no_run_config_is_a_clear_error(tmp_path):
     (ckpt / "COMPLETE").write_text("{}")
     proc = _run(["-m", "megahybrid", "export", str(ckpt), "--out", str(tmp_path / "x")])
     assert proc.returncode == 2 and "no config.yaml next to" in proc.stderr and "--config" in proc.stderr
+
+
+EVAL_CONFIG = """
+model: {{hf_path: {model}, max_position_embeddings: 512}}   # the run's model: --checkpoint rebuilds it
+data: {{train: "builtin:arith", difficulty: 1, demo_style: boxed, template: plain, max_prompt_tokens: 16,
+        max_demo_tokens: 24, num_train: 50, num_eval: 6}}
+rollout: {{n: 2, max_new_tokens: 8, num_workers: 1, kv_cache_memory_bytes: 33554432}}
+reward: {{name: math, num_workers: 1}}
+train: {{eval_n: 3, eval_temperature: 1.0, eval_max_new_tokens: 4, seed: 3, run_dir: {run_dir}}}
+"""
+
+
+def _metrics(proc: subprocess.CompletedProcess) -> dict[str, float]:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {k: float(v) for k, v in (line.split("=") for line in proc.stdout.splitlines() if line.startswith("eval/"))}
+
+
+@pytest.mark.slow
+def test_eval_on_an_hf_folder_equals_eval_of_the_checkpoint(run_dir, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(EVAL_CONFIG.format(model=run_dir.parent / "model", run_dir=tmp_path / "evalrun"))
+    folder = tmp_path / "export"
+    assert _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(folder)]).returncode == 0
+    by_model = _metrics(_run(["-m", "megahybrid", "eval", str(config), "--model", str(folder)]))
+    assert {"eval/avg@3", "eval/pass@1", "eval/pass@3", "eval/accuracy"} <= set(by_model), by_model
+    assert 0 < by_model["eval/response_length"] <= 4  # the config's eval_max_new_tokens, not rollout's 8
+    assert 0.0 <= by_model["eval/pass@1"] <= by_model["eval/pass@3"] <= 1.0
+    by_ckpt = _metrics(_run(["-m", "megahybrid", "eval", str(config), "--checkpoint", str(run_dir)]))
+    assert by_ckpt.pop("eval/checkpoint_step") == 1.0 and by_model.pop("eval/checkpoint_step") == -1.0
+    assert by_ckpt == by_model
