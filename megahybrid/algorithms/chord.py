@@ -101,6 +101,8 @@ class CHORD(Algorithm):
 
     def keep_sequences(self, batch: Batch) -> Tensor:
         num_rollouts = int((~batch.is_demo).sum())
+        if num_rollouts == 0:  # an SFT-only step (mu = 1 plans no rollouts): every expert sequence trains
+            return torch.ones_like(batch.is_demo)
         rho = self.cfg.expert_ratio
         want = math.ceil(rho / (1.0 - rho) * num_rollouts - 1e-9)  # -1e-9: rho = 0.2 must give exactly 1/4
         demo_rank = torch.cumsum(batch.is_demo.to(torch.long), 0) - 1

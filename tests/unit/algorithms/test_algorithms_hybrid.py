@@ -110,6 +110,19 @@ def test_chord_expert_share_and_mu_schedule():
     assert not algo.plan(0).demos and algo.plan(1).demos  # mu = 0 skips the expert sequences
     sft_only = make_algo("chord", mu_peak=1.0, mu_valley=1.0).plan(0)
     assert not sft_only.rollouts and not sft_only.old_logp
+    demos_only = batch.select(batch.is_demo)
+    assert bool(make_algo("chord").keep_sequences(demos_only).all())  # no rollouts: keep every expert sequence
+
+
+def test_chord_sft_only_step_trains_on_experts_without_old_logp():
+    batch, logp, entropy = make_batch(seed=49, k=4)
+    keep = batch.is_demo
+    batch, logp, entropy = batch.select(keep), logp[keep], entropy[keep]
+    batch.old_logp = batch.old_entropy = None
+    algo = make_algo("chord", mu_peak=1.0, mu_valley=1.0)
+    loss = run_split(algo, batch, logp, entropy, algo.plan(0), ranks=2, micro=2)[0]
+    want = hyb.chord(ref.with_rollout(algo.cfg, algo.rollout), batch, logp, entropy, 0)[0]
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), abs=1e-12)
 
 
 def test_hpt_routing_and_metrics():
