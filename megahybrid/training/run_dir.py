@@ -14,6 +14,7 @@ rank 0 alone calls `commit`. Only rank 0 calls `latest_complete` before the othe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -143,8 +144,25 @@ class CheckpointDirs:
         path = self.root / f".tmp-step_{step:06d}-{tag if tag is not None else os.getpid()}"
         if path.exists():
             shutil.rmtree(path)
+        self._check_space(step)
         path.mkdir(parents=True)
         return path
+
+    def _check_space(self, step: int) -> None:
+        """Refuse to start a save that cannot fit: the next checkpoint is about as large as the newest one, and old
+        ones are rotated out only after the new one is committed. (A save that fails part-way is ignored anyway;
+        this only turns a cryptic writer error into a message.)"""
+        newest = max((p for p in self._all_step_dirs() if (p / MARKER).is_file()), key=self.step_of, default=None)
+        if newest is None:
+            return
+        need = sum(f.stat().st_size for f in _files(newest))
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            message = (f"not enough free space in {self.root} for the checkpoint of step {step}: "
+                       f"{free >> 20} MiB free, the last one ({newest.name}) took {need >> 20} MiB. "
+                       "Earlier checkpoints are intact; free space and run again (resume: auto)")
+            print(f"[megahybrid] {message}", file=sys.stderr, flush=True)
+            raise OSError(errno.ENOSPC, message)
 
     def commit(self, staging: Path, step: int) -> Path:
         """Make `staging` the complete checkpoint of `step` (replacing an older one of the same step), then rotate."""

@@ -174,3 +174,23 @@ def test_resolved_config_written_atomically(tmp_path):
     assert written == to_dict(cfg)
     assert (written["train"]["steps"], written["optim"]["lr"], written["train"]["save_every"]) == (7, 3e-4, 50)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_a_save_that_cannot_fit_is_refused_with_a_message(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import megahybrid.training.run_dir as run_dir_module
+
+    dirs = CheckpointDirs(tmp_path, keep=2)
+    save(dirs, 1)
+    size = sum(p.stat().st_size for p in (tmp_path / "step_000001").rglob("*") if p.is_file() and p.name != "COMPLETE")
+    real = shutil.disk_usage
+    monkeypatch.setattr(run_dir_module.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=size - 1))  # one byte short
+    with pytest.raises(OSError, match="not enough free space .* for the checkpoint of step 2"):
+        dirs.staging(2)
+    assert "not enough free space" in capsys.readouterr().err
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # nothing half-written
+    assert dirs.latest_complete() == tmp_path / "step_000001"
+    monkeypatch.setattr(run_dir_module.shutil, "disk_usage", lambda path: real(path)._replace(free=size))
+    assert dirs.staging(2).is_dir()
