@@ -16,7 +16,9 @@ class ModelConfig:
     family: Literal["llama", "qwen2"] = "llama"
     """Architecture family: `llama` (no QKV bias) or `qwen2` (Qwen2/2.5: QKV bias)."""
     hf_path: str | None = None
-    """Hugging Face folder to initialise weights (and tokenizer) from; None = random init from the fields below."""
+    """Hugging Face folder to initialise weights (and tokenizer) from, or `builtin:NAME` (a model shipped offline:
+    `builtin:smollm2-135m-instruct`); None = random init from the fields below. With a checkpoint its config.json
+    decides the architecture: a field below stated in the YAML must agree with it (else a config error)."""
     tokenizer: str | None = None
     """Tokenizer folder; defaults to `hf_path`. Without either, a character tokenizer is built into the run dir."""
     char_alphabet: str | None = None
@@ -37,7 +39,8 @@ class ModelConfig:
     vocab_size: int = 64
     """Tokenizer vocabulary size (before padding to a multiple of the tensor-parallel size)."""
     max_position_embeddings: int = 512
-    """Model context length in tokens (prompt + response must fit); overrides the checkpoint's value."""
+    """Model context length in tokens (prompt + response must fit); a value in the YAML overrides the checkpoint's,
+    none = the checkpoint's (`hf_path`)."""
     rotary_base: float | None = None
     """RoPE theta; None = the checkpoint's (`hf_path`) value, else 10,000. A value here overrides the checkpoint
     (the SRFT 7B recipe raises Qwen2.5-Math-7B's 10,000 to 40,000)."""
