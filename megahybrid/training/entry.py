@@ -270,14 +270,3 @@ def print_final_line(run_dir: Path, start: float) -> None:
     final = json.loads((run_dir / FINAL_FILE).read_text())
     sys.stdout.flush()
     print(final_line(final, wall_s=time.time() - start), flush=True)
-
-
-def run_evaluation(config_path: str, overrides: list[str], *, checkpoint: str) -> int:
-    """Load a checkpoint (or a run dir's newest) and report avg@k / pass@k on the held-out split (rank 0)."""
-    from megahybrid.training.evaluate_checkpoint import evaluate_checkpoint
-
-    cfg = load_config(config_path, overrides)
-    metrics = evaluate_checkpoint(cfg, Path(checkpoint))
-    for key in sorted(metrics):
-        print(f"{key}={metrics[key]:.4f}")
-    return 0
