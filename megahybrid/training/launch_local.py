@@ -24,7 +24,8 @@ from megahybrid.parallel.process_report import children_map, describe_exit, desc
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 FULL_DISK_BYTES = 64 << 20
-"""A file system with less free space than this (or than 1% of its size, if smaller) counts as full."""
+"""A file system with less free space than this (or than 5% of its size, if smaller) counts as full: a write
+that failed there most likely failed for want of space (a checkpoint is tens of MiB even for a tiny model)."""
 
 
 def under_distributed_launcher() -> bool:
@@ -76,7 +77,7 @@ def full_disk_hint(dirs: list[str]) -> str | None:
             usage = shutil.disk_usage(path)
         except OSError:
             continue
-        if usage.free < min(FULL_DISK_BYTES, usage.total // 100):
+        if usage.free < min(FULL_DISK_BYTES, usage.total // 20):
             return (f"the file system of {d} is full ({usage.free >> 10} KiB free of {usage.total >> 20} MiB): "
                     "a write there failed. Free space, then run the same command again: resume: auto continues "
                     "from the newest complete checkpoint (a partial one is ignored)")
