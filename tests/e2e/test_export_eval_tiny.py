@@ -65,18 +65,24 @@ def test_a_failing_writer_leaves_no_folder(run_dir, tmp_path):
     assert list(out.parent.iterdir()) == [], list(out.parent.iterdir())  # the staging folder went too
 
 
-def test_stale_staging_is_removed_and_existing_out_is_refused(run_dir, tmp_path):
-    out = tmp_path / "model"
-    stale = tmp_path / ".model.export-999999999"  # a killed export's pid (no such process)
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    """An export made with a killed export's staging folder lying next to it (its pid: no such process)."""
+    root = tmp_path_factory.mktemp("exported")
+    stale = root / ".model.export-999999999"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    proc = _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(out)])
+    proc = _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(root / "model")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not stale.exists() and (out / "model.safetensors").is_file()
-    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512
-    proc = _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(out)])
-    assert proc.returncode == 2 and f"{out} already exists" in proc.stderr, proc.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    return root / "model"
+
+
+def test_stale_staging_is_removed_and_existing_out_is_refused(run_dir, exported):
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["model"]  # the stale staging folder is gone
+    assert (exported / "model.safetensors").is_file()
+    assert json.loads((exported / "config.json").read_text())["max_position_embeddings"] == 512
+    proc = _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(exported)])
+    assert proc.returncode == 2 and f"{exported} already exists" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_no_run_config_is_a_clear_error(tmp_path):
@@ -103,11 +109,10 @@ def _metrics(proc: subprocess.CompletedProcess) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_eval_on_an_hf_folder_equals_eval_of_the_checkpoint(run_dir, tmp_path):
+def test_eval_on_an_hf_folder_equals_eval_of_the_checkpoint(run_dir, exported, tmp_path):
     config = tmp_path / "eval.yaml"
     config.write_text(EVAL_CONFIG.format(model=run_dir.parent / "model", run_dir=tmp_path / "evalrun"))
-    folder = tmp_path / "export"
-    assert _run(["-m", "megahybrid", "export", str(run_dir), "--out", str(folder)]).returncode == 0
+    folder = exported
     by_model = _metrics(_run(["-m", "megahybrid", "eval", str(config), "--model", str(folder)]))
     assert {"eval/avg@3", "eval/pass@1", "eval/pass@3", "eval/accuracy"} <= set(by_model), by_model
     assert 0 < by_model["eval/response_length"] <= 4  # the config's eval_max_new_tokens, not rollout's 8
