@@ -89,3 +89,17 @@ def test_oom_kill_counter_is_a_cause_even_below_the_memory_mark(monkeypatch):
 def test_other_exits_say_the_signal_or_the_code():
     assert describe_exit("rank 1", 5, -signal.SIGSEGV) == "rank 1 (pid 5) was killed by SIGSEGV"
     assert describe_exit("rank 1", 5, 1) == "rank 1 (pid 5) exited with code 1"
+
+
+def test_full_disk_hint_names_the_run_dir(tmp_path, monkeypatch):
+    import shutil
+
+    from megahybrid.training import launch_local
+
+    real = shutil.disk_usage
+    run_dir = tmp_path / "run" / "not-yet-made"  # the nearest existing parent is measured
+    monkeypatch.setattr(launch_local.shutil, "disk_usage", lambda p: real(p)._replace(total=100 << 20, free=1 << 20))
+    hint = launch_local.full_disk_hint([str(run_dir)])
+    assert hint is not None and hint.startswith(f"the file system of {run_dir} is full (1024 KiB free of 100 MiB)")
+    monkeypatch.setattr(launch_local.shutil, "disk_usage", lambda p: real(p)._replace(total=100 << 20, free=50 << 20))
+    assert launch_local.full_disk_hint([str(run_dir)]) is None
