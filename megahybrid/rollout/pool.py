@@ -112,7 +112,10 @@ class RolloutPool(WorkerPoolBase):
 
     def _spawn(self, slot: _Slot) -> None:
         slot.proc, slot.conn = spawn_worker("megahybrid.rollout.worker", env=self._env(slot), log_path=slot.log_path)
-        slot.conn.send(("init", self._engine_kwargs, self._weights_path))
+        # a folder holds the current version; without one (broadcast) the worker starts at the initial weights
+        # (version 0) and is re-sent the current ones before it gets work
+        version = self.weights_version if self._weights_path is not None else 0
+        slot.conn.send(("init", self._engine_kwargs, self._weights_path, version))
         slot.state, slot.shard, slot.deadline = "starting", None, time.monotonic() + self.start_timeout_s
         # weights that arrived by broadcast are not on disk: a restarted worker needs a re-send
         slot.stale = self._weights_path is None and self.weights_version > 0
@@ -177,14 +180,17 @@ class RolloutPool(WorkerPoolBase):
                     self._restart(s)
 
     # ----- generation ------------------------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: list[list[int]], n: int,
-                 sampling: SamplingOptions) -> list[list[RolloutSample]]:
-        """n samples per prompt, in prompt order (see the module docstring for failures and determinism)."""
+    def generate(self, prompt_token_ids: list[list[int]], n: int, sampling: SamplingOptions, *,
+                 seed_offset: int = 0) -> list[list[RolloutSample]]:
+        """n samples per prompt, in prompt order (see the module docstring for failures and determinism).
+
+        `seed_offset`: index of the first prompt in the whole request when this pool serves one node's share of
+        it, so that a prompt's seed never depends on which node or engine samples it."""
         self._check_open()
         P = len(prompt_token_ids)
         if P == 0:
             return []
-        seeds = sampling.request_seeds(P)
+        seeds = sampling.request_seeds(P, offset=seed_offset)
         k = min(len(self._slots), P)
         bounds = [(i * P // k, (i + 1) * P // k) for i in range(k)]
         queue, attempts = deque(range(k)), [0] * k
@@ -246,6 +252,7 @@ class RolloutPool(WorkerPoolBase):
                 elif msg is None:
                     self._requeue(slot, queue, attempts, self._death(slot))
                 elif msg[0] == "ok":
+                    self._check_version(slot, msg[3])
                     a, b = bounds[msg[1]]
                     results[a:b] = msg[2]
                     slot.state, slot.shard = "idle", None
@@ -258,6 +265,14 @@ class RolloutPool(WorkerPoolBase):
                 else:
                     self.num_timeouts += 1
                     self._requeue(slot, queue, attempts, f"exceeded request_timeout_s={self.cfg.request_timeout_s}")
+
+    def _check_version(self, slot: _Slot, engine_version: int) -> None:
+        """Every generate reply says which weights sampled it; a mismatch is the silent skipped sync (a worker
+        that missed an update) and is never trained on."""
+        if engine_version != self.weights_version:
+            raise RolloutError(f"rollout worker {slot.index} sampled with weights version {engine_version}, but "
+                               f"version {self.weights_version} was sent to the engines (a weight sync did not reach "
+                               f"it; log {slot.log_path}): stopping instead of training on samples of stale weights")
 
     # ----- control requests and weight sync --------------------------------------------------------------------
     def _revive(self) -> None:
@@ -316,10 +331,11 @@ class RolloutPool(WorkerPoolBase):
         t0 = time.perf_counter()
         self._weights_path = os.path.abspath(source)
         self._last_broadcast = None
-        self._control("update_weights", lambda s: (self._weights_path,), died_ok=True)
+        version = self.weights_version + 1
+        self.weights_version = version  # before the command: a worker that dies on it restarts at this version
+        self._control("update_weights", lambda s: (self._weights_path, version), died_ok=True)
         for s in self._slots:
             s.stale = False
-        self.weights_version += 1
         self.last_sync_s = time.perf_counter() - t0
         return self.last_sync_s
 
@@ -332,26 +348,28 @@ class RolloutPool(WorkerPoolBase):
         self._check_open()
         t0 = time.perf_counter()
         self._wait_started(strict=False)
-        self._broadcast(named_tensors)
+        version = self.weights_version + 1
+        self._broadcast(named_tensors, version)
         self._last_broadcast = {k: v.detach().to("cpu", copy=True) for k, v in named_tensors.items()} \
             if keep_copy else None
         self._weights_path = None
-        self.weights_version += 1
+        self.weights_version = version
         self.last_sync_s = time.perf_counter() - t0
         return self.last_sync_s
 
-    def _broadcast(self, named_tensors: dict[str, Tensor]) -> None:
-        from megahybrid.rollout.vllm_ext import broadcast_tensor
+    def _broadcast(self, named_tensors: dict[str, Tensor], version: int) -> None:
+        from megahybrid.rollout.vllm_ext import broadcast_tensor, plan_buckets
 
         self._ensure_group()
         device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        specs = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in named_tensors.items()]
+        buckets = plan_buckets(named_tensors, self.cfg.sync_bucket_mb << 20)
 
         def send_all():
-            for k, v in named_tensors.items():
-                broadcast_tensor(self._group, v.detach().to(device).contiguous())
+            for _dtype, members in buckets:  # one flat buffer a bucket: few, large collectives
+                flat = torch.cat([named_tensors[name].detach().reshape(-1) for name, _ in members])
+                broadcast_tensor(self._group, flat.to(device))
 
-        self._control("receive_weights", lambda s: (specs,), before_wait=send_all)
+        self._control("receive_weights", lambda s: (buckets, version), before_wait=send_all)
         for s in self._slots:
             s.stale = False
 
@@ -388,7 +406,7 @@ class RolloutPool(WorkerPoolBase):
         if self._last_broadcast is None:
             raise RolloutError("a rollout worker restarted after broadcast_weights(keep_copy=False): "
                                "its weights are stale; call broadcast_weights again")
-        self._broadcast(self._last_broadcast)
+        self._broadcast(self._last_broadcast, self.weights_version)
 
     def wait_ready(self) -> None:
         """Block until every worker is started and has the current weights (restarts finished, re-syncs done)."""

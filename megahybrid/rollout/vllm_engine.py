@@ -88,8 +88,9 @@ class VLLMEngine:
             results = [[dataclasses.replace(r[0]) for _ in range(n)] for r in results]
         return results
 
-    def update_weights(self, source: str | dict[str, Tensor]) -> float:
-        """Reload weights from a folder of HF safetensors, or from named tensors (in-process engines only)."""
+    def update_weights(self, source: str | dict[str, Tensor], version: int | None = None) -> float:
+        """Reload weights from a folder of HF safetensors, or from named tensors (in-process engines only).
+        `version`: the trainer's number for these weights (reported with every generate reply)."""
         t0 = time.perf_counter()
         if isinstance(source, str):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": source})
@@ -98,22 +99,22 @@ class VLLMEngine:
                 raise ValueError("update_weights(dict) needs an in-process engine; pass a safetensors folder "
                                  "or use the broadcast group (RolloutPool.broadcast_weights)")
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(source.items())})
-        self._after_update()
+        self._after_update(version)
         return time.perf_counter() - t0
 
     def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
         return self.llm.collective_rpc("mh_init_sync_group", args=(host, port, rank_offset, world_size, backend))
 
-    def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> None:
-        self.llm.collective_rpc("mh_receive_weights", args=(specs,))
-        self._after_update()
+    def receive_weights(self, buckets: list[tuple[str, list]], version: int | None = None) -> None:
+        self.llm.collective_rpc("mh_receive_weights", args=(buckets,))
+        self._after_update(version)
 
-    def _after_update(self) -> None:
+    def _after_update(self, version: int | None = None) -> None:
         if self.device == "cpu":
             self.llm.collective_rpc("mh_refresh_cpu_head")
         # cached prefixes hold KV computed with the old weights
         self.llm.reset_prefix_cache()
-        self.weights_version += 1
+        self.weights_version = self.weights_version + 1 if version is None else version
 
     def health(self) -> dict:
         return {"alive": True, "pid": os.getpid(), "device": self.device, "model_dir": self.model_dir,

@@ -7,6 +7,7 @@ touches the default process group of either side.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -36,6 +37,21 @@ def broadcast_tensor(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], opts).wait()
 
 
+def plan_buckets(named_tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[tuple[str, list]]:
+    """Group tensors (in order) into flat buckets of one dtype and at most `bucket_bytes` (a larger tensor gets a
+    bucket of its own): [(dtype name, [(name, shape), ...]), ...]. Both sides of the broadcast use this plan."""
+    buckets: list[tuple[str, list]] = []
+    size = 0
+    for name, t in named_tensors.items():
+        dtype, nbytes = str(t.dtype).removeprefix("torch."), t.numel() * t.element_size()
+        if not buckets or buckets[-1][0] != dtype or (size + nbytes > bucket_bytes and buckets[-1][1]):
+            buckets.append((dtype, []))
+            size = 0
+        buckets[-1][1].append((name, list(t.shape)))
+        size += nbytes
+    return buckets
+
+
 class WeightSyncExtension:
     """Methods added to vLLM's worker. `self` is the vLLM worker (has `device`, `rank`, `reload_weights`)."""
 
@@ -46,22 +62,25 @@ class WeightSyncExtension:
         self._mh_group = make_sync_group(host, port, rank, world_size, backend, timeout_s=timeout_s)
         return rank
 
-    def mh_receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
-        """Receive every (name, dtype, shape) in order and load it; streams one tensor at a time."""
+    def mh_receive_weights(self, buckets: list[tuple[str, list]]) -> int:
+        """Receive every bucket of `plan_buckets` in order (one flat broadcast each) and load its tensors as views
+        of the buffer; streams one bucket at a time."""
         group = self._mh_group
         device = getattr(self, "device", torch.device("cpu"))
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, dtype, shape in specs:
-                t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-                broadcast_tensor(group, t)
-                yield name, t
+            for dtype, members in buckets:
+                sizes = [math.prod(shape) for _, shape in members]
+                flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=device)
+                broadcast_tensor(group, flat)
+                for (name, shape), piece in zip(members, torch.split(flat, sizes)):
+                    yield name, piece.view(shape)
 
         it = stream()
         self.reload_weights(weights_iterator=it)
         for _ in it:  # a loader that stops early must not leave the broadcast sequence out of step
             pass
-        return len(specs)
+        return sum(len(m) for _, m in buckets)
 
     def mh_refresh_cpu_head(self) -> bool:
         """Re-pack the LM head's CPU GEMM after an in-place reload.

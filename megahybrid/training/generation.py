@@ -1,8 +1,9 @@
-"""Rank 0's side of a step: prompts -> rollout pool -> rewards -> groups (and the held-out evaluation).
+"""One node's side of a step: prompts -> its rollout pool -> its rewards -> groups (and held-out evaluation).
 
 The rollout engines live in their own worker processes (vLLM in-process mode patches torch threading and seeds
-the global RNG, so it must never share the trainer's interpreter). Only global rank 0 talks to the pool; the
-finished groups are broadcast to every rank as Python objects (they are small: token ids and floats).
+the global RNG, so it must never share the trainer's interpreter). Each node leader owns one Generator for the
+engines of its node (training/node_generation.py spreads a step's prompts over them); the finished groups are
+broadcast to every rank as Python objects (they are small: token ids and floats).
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ from megahybrid.training.batching import Group, Sequence
 
 
 class Generator:
-    """Owns the rollout pool and the reward pool (rank 0 only)."""
+    """Owns one node's rollout pool and reward pool (its node leader only).
 
-    def __init__(self, cfg: RunConfig, tokenizer: Any, model_dir: str):
+    `gpu_ids`: the node-local GPUs of its engines (`Layout.node_engines`, flattened); `log_dir`: the engines' logs
+    (default `<run_dir>/logs`)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer: Any, model_dir: str, *, gpu_ids: list[int] | None = None,
+                 log_dir: str | None = None):
         from megahybrid.rewards import RewardPool
         from megahybrid.rollout import RolloutPool
 
@@ -31,7 +36,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.pool = RolloutPool(cfg.rollout, model_dir, seed=cfg.train.seed,
                                 max_model_len=cfg.model.max_position_embeddings,
-                                log_dir=str(Path(cfg.train.run_dir) / "logs"))
+                                log_dir=log_dir or str(Path(cfg.train.run_dir) / "logs"), gpu_ids=gpu_ids)
         think = {"srl_require_think": getattr(cfg.algorithm, "require_think", True)}
         self.rewards = RewardPool(cfg.reward, **think)
         eval_name = cfg.reward.eval_name or cfg.reward.name
@@ -64,9 +69,11 @@ class Generator:
         return [float(s) for s in result.scores]
 
     # ------------------------------------------------------------------------------------------- training groups
-    def make_groups(self, examples: list[tuple[int, Example]], plan: StepPlan, *, seed: int) -> tuple[list[Group], dict]:
+    def make_groups(self, examples: list[tuple[int, Example]], plan: StepPlan, *, seed: int,
+                    seed_offset: int = 0) -> tuple[list[Group], dict]:
         """Groups for `examples` ((dataset index, example) pairs): rollouts if the plan wants them, demos if it
-        wants them, every sequence scored."""
+        wants them, every sequence scored. `seed_offset`: position of the first example in the whole request
+        (its per-prompt sampling seed), when this node serves a share of it."""
         groups = []
         for idx, ex in examples:
             text, ids = self.prompt_ids(ex)
@@ -77,7 +84,8 @@ class Generator:
             ro = self.cfg.rollout
             samples = self.pool.generate([g.prompt_ids for g in groups], ro.n,
                                          self._sampling(temperature=ro.temperature,
-                                                        max_new_tokens=ro.max_new_tokens, seed=seed))
+                                                        max_new_tokens=ro.max_new_tokens, seed=seed),
+                                         seed_offset=seed_offset)
             for group, outs in zip(groups, samples):
                 group.sequences.extend(
                     Sequence(prompt_ids=group.prompt_ids, response_ids=list(o.token_ids), is_demo=False, reward=0.0,
@@ -111,23 +119,36 @@ class Generator:
     def evaluate(self, examples: list[Example], *, n: int, temperature: float, max_new_tokens: int,
                  seed: int) -> dict[str, float]:
         """avg@n / pass@1 / pass@n on held-out problems (SPEC 7); correct = reward > 0."""
-        from megahybrid.evaluation import avg_at_k, pass_at_1, pass_at_k
-
         if not examples:
             return {}
+        return eval_metrics(*self.eval_samples(examples, n=n, temperature=temperature,
+                                               max_new_tokens=max_new_tokens, seed=seed), n)
+
+    def eval_samples(self, examples: list[Example], *, n: int, temperature: float, max_new_tokens: int, seed: int,
+                     seed_offset: int = 0) -> tuple[list[list[float]], list[int]]:
+        """Per problem its n correctness values (reward > 0), and every sample's length."""
+        if not examples:
+            return [], []
         prompts = [self.prompt_ids(ex)[1] for ex in examples]
         samples = self.pool.generate(prompts, n, self._sampling(temperature=temperature,
-                                                                max_new_tokens=max_new_tokens, seed=seed))
+                                                                max_new_tokens=max_new_tokens, seed=seed),
+                                     seed_offset=seed_offset)
         texts = [o.text for outs in samples for o in outs]
         refs = [ex.answer for ex, outs in zip(examples, samples) for _ in outs]
         scores = self._score(texts, refs, self.eval_rewards)
         correct = [[float(s > 0) for s in scores[i * n:(i + 1) * n]] for i in range(len(examples))]
-        lengths = [len(o.token_ids) for outs in samples for o in outs]
-        out = {f"eval/avg@{n}": avg_at_k(correct), "eval/pass@1": pass_at_1(correct),
-               f"eval/pass@{n}": pass_at_k(correct, n)}
-        out["eval/accuracy"] = out[f"eval/avg@{n}"]
-        out["eval/response_length"] = sum(lengths) / max(len(lengths), 1)
-        return out
+        return correct, [len(o.token_ids) for outs in samples for o in outs]
+
+
+def eval_metrics(correct: list[list[float]], lengths: list[int], n: int) -> dict[str, float]:
+    """SPEC 7 metrics of per-problem correctness lists (however many nodes sampled them)."""
+    from megahybrid.evaluation import avg_at_k, pass_at_1, pass_at_k
+
+    out = {f"eval/avg@{n}": avg_at_k(correct), "eval/pass@1": pass_at_1(correct),
+           f"eval/pass@{n}": pass_at_k(correct, n)}
+    out["eval/accuracy"] = out[f"eval/avg@{n}"]
+    out["eval/response_length"] = sum(lengths) / max(len(lengths), 1)
+    return out
 
 
 def light_batch(groups: list[Group]) -> Batch:

@@ -25,10 +25,18 @@ from megahybrid.training.sampler import PromptSampler, rng_state, seed_everythin
 from megahybrid.training.extra_phase import ExtraPhaseRunner, group_summaries
 from megahybrid.training.mismatch import MismatchAlarm
 from megahybrid.training.signals import agree
+from megahybrid.parallel.nodes import NodeTopology, node_topology
+from megahybrid.training.node_generation import log_engine_share
 
 TIMING_PREFIXES = ("time/", "perf/")
 """Metric keys that measure wall time (excluded when comparing runs for exact reproducibility)."""
-ROLLOUT_COUNTERS = ("rollout/restarts", "rollout/timeouts")
+
+
+def check_node_count(cfg: RunConfig, topo: NodeTopology) -> None:
+    """Every rank, before any engine starts: the config's node count is the job's (placement depends on it)."""
+    if cfg.launch.nodes != topo.num_nodes:
+        raise RuntimeError(f"launch.nodes is {cfg.launch.nodes} but the job runs on {topo.num_nodes} node(s) "
+                           f"(one launcher per node); set launch.nodes={topo.num_nodes}")
 
 
 class Trainer:
@@ -54,15 +62,21 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._resume()
         self.sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights")
-        self._export_weights()  # the engines start from the trainer's (initial or resumed) weights
+        # the engines start from a folder of the trainer's (initial or resumed) weights, whatever the sync mode
+        self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)
         # True after an update the engines have not received yet. Weights go to the engines only before they next
         # generate (or evaluate, or at the end), so consecutive SFT-only steps (SASR) pay for one sync, not one each.
-        self.engines_stale = False
-        self.generator = None
-        if self.is_rank0:
-            from megahybrid.training.generation import Generator
+        # A resumed run re-sends once (its fresh engines already read the folder): the same syncs, and so the same
+        # metrics, as the uninterrupted run.
+        self.engines_stale = self.step > 0
+        self.sync_bytes = 0
+        self.topo = node_topology()
+        check_node_count(cfg, self.topo)
+        self.generator = None  # node leaders: this node's engines and reward workers
+        if self.topo.is_leader:
+            from megahybrid.training.node_generation import NodeGeneration
 
-            self.generator = Generator(cfg, tokenizer, str(self.sync_dir))
+            self.generator = NodeGeneration(cfg, tokenizer, str(self.sync_dir), self.topo)
         self.logger = MetricsLogger(run_dir, cfg.logging, total_steps=cfg.train.steps, start_step=self.step,
                                     enabled=self.is_rank0)
 
@@ -88,16 +102,23 @@ class Trainer:
                 self.save()
             if stop:
                 break
-        self.sync_engines()  # the run's final weights in the sync folder (the next curriculum stage starts there)
+        self.sync_engines()
+        if self.cfg.rollout.weight_sync == "broadcast":  # the run's final weights as a folder (the next stage
+            self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)  # starts there)
+        if self.generator is not None:
+            log_engine_share(self.generator)
         return last_eval
 
     def train_one_step(self) -> dict[str, float]:
         t_step = time.perf_counter()
         plan = self.algo.plan(self.step)
+        self.sync_bytes = 0
         sync_s = self.sync_engines() if plan.rollouts else 0.0
         groups, metrics = self._collect_groups(plan)
         metrics.update(self.algo.observe_groups(self.step, group_summaries(groups, self.train_set)))
         metrics["time/sync_s"] = sync_s
+        if self.is_rank0:
+            metrics["sync/bytes"] = float(self.sync_bytes)
         if not groups:
             # dynamic sampling kept no group within train.max_sample_rounds: no update this step (an optimizer
             # step on zero gradients would still move Adam's weights)
@@ -143,6 +164,9 @@ class Trainer:
         payload = None
         if self.is_rank0:
             payload = self._generate_groups(plan)
+            self.generator.finish()
+        elif self.generator is not None:
+            self.generator.serve()  # this node's share of every sampling round
         payload = self._broadcast(payload)
         groups, metrics, position = payload
         self.sampler.position = position
@@ -173,7 +197,7 @@ class Trainer:
         metrics["batch/prompts_kept"] = float(usable)
         metrics["reward/timeouts"] = float(self.generator.num_reward_timeouts)
         # cumulative engine restarts and timeouts, every step: an engine that died shows here
-        metrics.update({k: v for k, v in self.generator.pool.metrics().items() if k in ROLLOUT_COUNTERS})
+        metrics.update(self.generator.metrics())
         return kept[:usable], metrics, self.sampler.position
 
     def _fill_old_logp(self, batch: Batch, plan: StepPlan) -> None:
@@ -231,7 +255,10 @@ class Trainer:
                 self.eval_set, n=tr.eval_n, temperature=tr.eval_temperature,
                 max_new_tokens=tr.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
                 seed=tr.seed * 7919 + step)
+            self.generator.finish()
             self.logger.log_eval(step, metrics)
+        elif self.generator is not None and self.eval_set:
+            self.generator.serve()
         metrics = self._broadcast(metrics) or {}
         if metrics:  # on every rank: the history is part of the (rank-identical) checkpoint state
             self.history.setdefault("eval/accuracy", []).append((step, metrics.get("eval/accuracy", float("nan"))))
@@ -246,12 +273,24 @@ class Trainer:
         return self._export_weights()
 
     def _export_weights(self) -> float:
-        """Write the policy as a HF folder and point the engines at it; returns the seconds it took."""
+        """Collective: the current weights to every node's engines (`rollout.weight_sync`); returns seconds.
+
+        broadcast: gathered onto rank 0, bucketed to the node leaders, broadcast to their engines; nothing touches
+        the disk. dir: rank 0 writes a HF folder that every node's engines re-read (the fallback)."""
         t0 = time.perf_counter()
-        self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)
-        self._barrier()
-        if getattr(self, "generator", None) is not None:
-            self.generator.pool.update_weights(str(self.sync_dir))
+        if self.cfg.rollout.weight_sync == "broadcast":
+            from megahybrid.training.weight_sync import gather_hf_tensors, num_bytes, to_leaders
+
+            tensors = to_leaders(gather_hf_tensors(self.policy), self.topo, self.cfg.rollout.sync_bucket_mb)
+            if self.generator is not None:
+                self.generator.update_weights(tensors)
+                self.sync_bytes = num_bytes(tensors)
+        else:
+            self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)
+            self._barrier()
+            if self.generator is not None:
+                self.generator.update_weights(str(self.sync_dir))
+                self.sync_bytes = sum(p.stat().st_size for p in self.sync_dir.glob("*.safetensors"))
         return time.perf_counter() - t0
 
     def extra_state(self) -> dict[str, Any]:
