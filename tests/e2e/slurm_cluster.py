@@ -1,4 +1,5 @@
-"""A real single-node Slurm cluster for tests (Debian's slurmctld/slurmd/munge, started by hand).
+"""A real Slurm cluster for tests (Debian's slurmctld/slurmd/munge, started by hand): one node, or several
+fake nodes on loopback, one slurmd each in its own UTS namespace (`slurm2`).
 
 What it does (ENVIRONMENT.md, "Slurm"): installs the Debian packages with apt-get when `sbatch`/`slurmctld` are
 missing (needs root), writes a private slurm.conf + gres.conf + munge key under one temporary directory, starts
@@ -78,6 +79,8 @@ class SlurmCluster:
     node: str
     env: dict
     pids: dict = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    """Node names (one slurmd each); a multi-node cluster's are fake hosts, one UTS namespace each."""
 
     # ------------------------------------------------------------------------------------------------ clients
     def run(self, *cmd: str, env: dict | None = None, timeout: float = 60, check: bool = True,
@@ -114,7 +117,7 @@ class SlurmCluster:
 
     def diagnostics(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in self.nodes)):
             path = self.root / "log" / name
             if path.exists():
                 parts.append(f"--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-30:]))
@@ -122,7 +125,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------------------------------------ daemons
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*[f"slurmd-{n}" for n in self.nodes], "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
             if pid is None:
                 continue
@@ -144,28 +147,32 @@ class SlurmCluster:
                     pass
 
 
-def _write_config(root: Path, node: str, ports: tuple[int, int]) -> None:
+def _write_config(root: Path, ctld_host: str, ctld_port: int, nodes: dict[str, int]) -> None:
+    """slurm.conf for the nodes {name: slurmd port}; every path a slurmd writes is per node (%n)."""
     gpu_dir = root / "dev"
     gpu_dir.mkdir()
     for i in range(NUM_FAKE_GPUS):  # gres File= must be character devices; 1,3 is /dev/null's major/minor
         os.mknod(gpu_dir / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
     for sub in ("state", "spool", "log", "run"):
         (root / sub).mkdir()
+    node_lines = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={port} CPUs={NUM_CPUS} RealMemory=2000 "
+                           f"Gres=gpu:{NUM_FAKE_GPUS} State=UNKNOWN" for n, port in nodes.items())
+    for n in nodes:
+        (root / "spool" / n).mkdir()
     conf = f"""\
 ClusterName=megahybridtest
-SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={ports[0]}
-SlurmdPort={ports[1]}
+SlurmctldHost={ctld_host}(127.0.0.1)
+SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={root}/run/munge.socket
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -181,7 +188,7 @@ GresTypes=gpu
 MinJobAge=600
 KillWait=5
 InactiveLimit=0
-NodeName={node} NodeAddr=127.0.0.1 CPUs={NUM_CPUS} RealMemory=2000 Gres=gpu:{NUM_FAKE_GPUS} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
     (root / "slurm.conf").write_text(conf)
@@ -206,26 +213,49 @@ def _start_munge(root: Path) -> int:
     return _read_pid(run_dir / "munged.pid", 10)
 
 
-def start_cluster(timeout: float = 60) -> SlurmCluster:
-    """Start a private single-node cluster; the caller must call `.stop()` (the `slurm` fixture does)."""
+HOSTS_FILE = Path("/etc/hosts")
+
+
+def _resolve_on_loopback(names: list[str]) -> None:
+    """Fake node names must resolve (the job's rendezvous host is its first node): map them to 127.0.0.1."""
+    text = HOSTS_FILE.read_text()
+    missing = [n for n in names if not any(n in line.split()[1:] for line in text.splitlines() if line.strip())]
+    if missing:
+        with open(HOSTS_FILE, "a") as f:
+            f.write(f"127.0.0.1 {' '.join(missing)}  # megahybrid test cluster\n")
+
+
+def start_cluster(timeout: float = 60, num_nodes: int = 1) -> SlurmCluster:
+    """Start a private cluster; the caller must call `.stop()` (the fixtures do).
+
+    One node: this host. Several: fake hosts `mhnode1..N`, all on 127.0.0.1, each slurmd in its own UTS
+    namespace (`unshare --uts`) with its own host name and port, so the job's tasks see `hostname` = their node,
+    exactly like separate machines (ENVIRONMENT.md, "Simulating several nodes")."""
     ensure_packages(["sbatch", "slurmctld", "slurmd", "munged"], PACKAGES)
     if os.geteuid() != 0:
         raise SlurmUnavailable("starting slurmd needs root")
-    node = socket.gethostname().split(".")[0]
+    host = socket.gethostname().split(".")[0]
+    names = [host] if num_nodes == 1 else [f"mhnode{i + 1}" for i in range(num_nodes)]
+    if num_nodes > 1:
+        _resolve_on_loopback(names)
     root = Path(tempfile.mkdtemp(prefix="mh-slurm-", dir="/tmp"))
     os.chmod(root, 0o755)  # munged (user munge) must traverse it
-    _write_config(root, node, (_free_port(), _free_port()))
+    _write_config(root, host, _free_port(), {n: _free_port() for n in names})
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
     for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         env.pop(var)
-    cluster = SlurmCluster(root=root, node=node, env=env)
+    cluster = SlurmCluster(root=root, node=names[0], env=env, nodes=names)
+    conf = str(root / "slurm.conf")
     try:
         cluster.pids["munged"] = _start_munge(root)
-        for name in ("slurmctld", "slurmd"):
-            # -i: ignore stale state; both daemonize and write their pid files
-            proc = subprocess.run([f"/usr/sbin/{name}", "-f", str(root / "slurm.conf"), "-i"] if name == "slurmctld"
-                                  else [f"/usr/sbin/{name}", "-f", str(root / "slurm.conf")],
-                                  env=env, capture_output=True, text=True, timeout=30)
+        daemons = [("slurmctld", ["/usr/sbin/slurmctld", "-f", conf, "-i"])]  # -i: ignore stale state
+        for n in names:
+            cmd = ["/usr/sbin/slurmd", "-f", conf]
+            if num_nodes > 1:
+                cmd = ["unshare", "--uts", "sh", "-c", f"hostname {n} && exec {' '.join(cmd)}"]
+            daemons.append((f"slurmd-{n}", cmd))
+        for name, cmd in daemons:  # each daemonizes and writes its pid file
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
             if proc.returncode:
                 raise SlurmUnavailable(f"{name} failed to start: {proc.stderr}\n{cluster.diagnostics()}")
             cluster.pids[name] = _read_pid(root / "run" / f"{name}.pid", 15)
@@ -242,10 +272,10 @@ def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
     while time.monotonic() < deadline:
         proc = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False)
         state = proc.stdout.strip()
-        if proc.returncode == 0 and state == "idle":
+        if proc.returncode == 0 and state.split() == ["idle"] * len(cluster.nodes):
             return
         time.sleep(0.5)
-    raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (state {state!r})\n{cluster.diagnostics()}")
+    raise SlurmUnavailable(f"nodes not idle after {timeout:.0f} s (states {state!r})\n{cluster.diagnostics()}")
 
 
 _SHARED: dict = {"cluster": None, "users": 0}
@@ -266,3 +296,14 @@ def slurm():
             cluster, _SHARED["cluster"] = _SHARED["cluster"], None
             cluster.stop()
             shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm2():
+    """A private 2-node cluster (mhnode1, mhnode2 on 127.0.0.1) for one test module."""
+    cluster = start_cluster(num_nodes=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
