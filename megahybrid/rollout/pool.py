@@ -33,6 +33,10 @@ from megahybrid.rollout.types import RolloutError, RolloutSample, SamplingOption
 from megahybrid.rollout.vllm_engine import cpu_env
 
 
+SYNC_GROUP_TIMEOUT_S = 120.0
+"""Longest wait to form the broadcast group or for one collective on it (our choice)."""
+
+
 @dataclass
 class _Slot:
     index: int
@@ -349,13 +353,28 @@ class RolloutPool(WorkerPoolBase):
         t0 = time.perf_counter()
         self._wait_started(strict=False)
         version = self.weights_version + 1
-        self._broadcast(named_tensors, version)
+        self._broadcast_retrying(named_tensors, version)
         self._last_broadcast = {k: v.detach().to("cpu", copy=True) for k, v in named_tensors.items()} \
             if keep_copy else None
         self._weights_path = None
         self.weights_version = version
         self.last_sync_s = time.perf_counter() - t0
         return self.last_sync_s
+
+    def _broadcast_retrying(self, named_tensors: dict[str, Tensor], version: int) -> None:
+        """A worker that dies while the sync group forms or while weights stream breaks the collective for every
+        member: restart the broken workers (the failed `_control` already did), form a new group, send again."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return self._broadcast(named_tensors, version)
+            except (RolloutError, RuntimeError) as exc:
+                self._group = None  # never reuse a group a collective failed on
+                if attempt == self.max_attempts:
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(f"[megahybrid] weight broadcast failed ({first[:200]}); restarting the broken rollout "
+                      f"workers and sending again (attempt {attempt + 1} of {self.max_attempts})",
+                      file=sys.stderr, flush=True)
 
     def _broadcast(self, named_tensors: dict[str, Tensor], version: int) -> None:
         from megahybrid.rollout.vllm_ext import broadcast_tensor, plan_buckets
@@ -390,10 +409,13 @@ class RolloutPool(WorkerPoolBase):
         groups = {}
 
         def join():
-            groups["g"] = make_sync_group("127.0.0.1", port, 0, world, backend,
-                                          timeout_s=self.cfg.request_timeout_s)
+            groups["g"] = make_sync_group("127.0.0.1", port, 0, world, backend, timeout_s=timeout)
 
-        self._control("init_sync", lambda s: ("127.0.0.1", port, 1 + tp * s.index, world, backend), before_wait=join)
+        # a short timeout for forming the group and for each collective on it: a member that died meanwhile then
+        # fails the others within minutes, not request_timeout_s (a bucket takes well under a second)
+        timeout = min(self.cfg.request_timeout_s, SYNC_GROUP_TIMEOUT_S)
+        self._control("init_sync", lambda s: ("127.0.0.1", port, 1 + tp * s.index, world, backend, timeout),
+                      before_wait=join)
         self._group, self._group_members = groups["g"], members
 
     def _maybe_resync(self) -> None:
@@ -406,7 +428,7 @@ class RolloutPool(WorkerPoolBase):
         if self._last_broadcast is None:
             raise RolloutError("a rollout worker restarted after broadcast_weights(keep_copy=False): "
                                "its weights are stale; call broadcast_weights again")
-        self._broadcast(self._last_broadcast, self.weights_version)
+        self._broadcast_retrying(self._last_broadcast, self.weights_version)
 
     def wait_ready(self) -> None:
         """Block until every worker is started and has the current weights (restarts finished, re-syncs done)."""

@@ -102,8 +102,10 @@ class VLLMEngine:
         self._after_update(version)
         return time.perf_counter() - t0
 
-    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
-        return self.llm.collective_rpc("mh_init_sync_group", args=(host, port, rank_offset, world_size, backend))
+    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                        timeout_s: float = 300.0) -> list[int]:
+        return self.llm.collective_rpc("mh_init_sync_group",
+                                       args=(host, port, rank_offset, world_size, backend, timeout_s))
 
     def receive_weights(self, buckets: list[tuple[str, list]], version: int | None = None) -> None:
         self.llm.collective_rpc("mh_receive_weights", args=(buckets,))

@@ -128,7 +128,9 @@ def test_gpu_job_on_the_cpu_only_venv_is_refused_before_any_node_starts(slurm, t
 def test_one_failing_rank_ends_the_whole_job_failed_and_fast(slurm, tmp_path):
     # two node launchers on the one node stand in for two nodes; rank 1 fails while rank 0 waits in a barrier
     # that only times out after 300 s, so ending early proves srun --kill-on-bad-exit stopped the other node
-    job = submit(slurm, tmp_path, "srft_7b.sh", "launch.nodes=2", f"train.run_dir={tmp_path / 'run'}",
+    # (2 nodes need an engine each: every node leader starts the same number)
+    job = submit(slurm, tmp_path, "srft_7b.sh", "launch.nodes=2", "rollout.num_workers=2",
+                 f"train.run_dir={tmp_path / 'run'}",
                  sbatch=("--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2"), MEGAHYBRID_CONFIG=TINY,
                  MEGAHYBRID_DRY_RUN="1", MEGAHYBRID_PROBE_ARGS="--fail-rank 1")
     info = slurm.wait(job, 200)
