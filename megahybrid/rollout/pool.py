@@ -256,10 +256,10 @@ class RolloutPool(WorkerPoolBase):
                 elif msg is None:
                     self._requeue(slot, queue, attempts, self._death(slot))
                 elif msg[0] == "ok":
+                    slot.state, slot.shard, shard = "idle", None, msg[1]  # answered: idle, whatever the check says
                     self._check_version(slot, msg[3])
-                    a, b = bounds[msg[1]]
+                    a, b = bounds[shard]
                     results[a:b] = msg[2]
-                    slot.state, slot.shard = "idle", None
                 else:  # the engine raised: a deterministic error that a retry would repeat
                     slot.state, slot.shard = "idle", None
                     raise RolloutError(f"rollout worker {slot.index} failed:\n{msg[2]}")
