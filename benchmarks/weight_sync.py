@@ -11,6 +11,7 @@ both see the same machine load; the figures are medians. Last line:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -55,8 +56,6 @@ def run_shape(shape: str, rounds: int) -> tuple[float, float, int]:
         base = _weights(model_dir)
         nbytes = sum(t.numel() * t.element_size() for t in base.values())
         cfg = RolloutConfig(num_workers=1, max_num_seqs=8, kv_cache_memory_bytes=32 << 20, request_timeout_s=600)
-        import json
-
         context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
         pool = RolloutPool(cfg, model_dir, seed=0, max_model_len=min(256, context), log_dir=str(tmp / "logs"),
                            start_timeout_s=900)

@@ -52,6 +52,17 @@ def plan_buckets(named_tensors: dict[str, torch.Tensor], bucket_bytes: int) -> l
     return buckets
 
 
+def unflatten_bucket(flat: torch.Tensor, members: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view of `flat`) for each (name, shape) of a `plan_buckets` bucket."""
+    sizes = [math.prod(shape) for _, shape in members]
+    for (name, shape), piece in zip(members, torch.split(flat, sizes)):
+        yield name, piece.view(shape)
+
+
+def bucket_numel(members: list) -> int:
+    return sum(math.prod(shape) for _, shape in members)
+
+
 class WeightSyncExtension:
     """Methods added to vLLM's worker. `self` is the vLLM worker (has `device`, `rank`, `reload_weights`)."""
 
@@ -70,11 +81,9 @@ class WeightSyncExtension:
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             for dtype, members in buckets:
-                sizes = [math.prod(shape) for _, shape in members]
-                flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=device)
+                flat = torch.empty(bucket_numel(members), dtype=getattr(torch, dtype), device=device)
                 broadcast_tensor(group, flat)
-                for (name, shape), piece in zip(members, torch.split(flat, sizes)):
-                    yield name, piece.view(shape)
+                yield from unflatten_bucket(flat, members)
 
         it = stream()
         self.reload_weights(weights_iterator=it)

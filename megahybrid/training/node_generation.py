@@ -51,10 +51,7 @@ class NodeGeneration:
     """Rank 0's interface to every node's engines (`make_groups`, `evaluate`); the other leaders `serve`."""
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, model_dir: str, topo: NodeTopology):
-        layout = layout_of(cfg)
-        if layout.nodes != topo.num_nodes:
-            raise RuntimeError(f"launch.nodes is {layout.nodes} but the job runs on {topo.num_nodes} node(s) "
-                               f"(one launcher per node); set launch.nodes={topo.num_nodes}")
+        layout = layout_of(cfg)  # launch.nodes == topo.num_nodes: checked on every rank (trainer.check_node_count)
         self.topo = topo
         self.engines_per_node = [len(layout.node_engines(k)) for k in range(topo.num_nodes)]
         self.local: Generator | None = None

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megahybrid.parallel.nodes import NodeTopology
-from megahybrid.rollout.vllm_ext import plan_buckets
+from megahybrid.rollout.vllm_ext import bucket_numel, plan_buckets, unflatten_bucket
 
 
 class _Collector:
@@ -50,19 +50,10 @@ def to_leaders(tensors: dict[str, torch.Tensor] | None, topo: NodeTopology, buck
         if tensors is not None:
             flat = torch.cat([tensors[name].detach().reshape(-1).cpu() for name, _ in members])
         else:
-            flat = torch.empty(sum(_numel(shape) for _, shape in members), dtype=getattr(torch, dtype))
+            flat = torch.empty(bucket_numel(members), dtype=getattr(torch, dtype))
         dist.broadcast(flat, src=0, group=topo.leaders_group)
-        sizes = [_numel(shape) for _, shape in members]
-        for (name, shape), piece in zip(members, torch.split(flat, sizes)):
-            out[name] = piece.view(shape)
+        out.update(unflatten_bucket(flat, members))
     return out
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def num_bytes(tensors: dict[str, torch.Tensor]) -> int:

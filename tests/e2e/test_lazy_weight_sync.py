@@ -12,25 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the e2e folder is not a package
+from test_trainer_e2e import RELOAD_CHECK  # noqa: E402  (load a checkpoint, export it as an HF folder)
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs/tiny/srft_arith.yaml")
 
 pytestmark = pytest.mark.e2e
-
-RELOAD = r"""
-import sys
-from megahybrid.config.loader import load_config
-from megahybrid.model.provider import build_policy
-from megahybrid.parallel.init import init_distributed
-if __name__ == "__main__":
-    cfg = load_config(sys.argv[1], sys.argv[4:])
-    ps = init_distributed(cfg)
-    policy = build_policy(cfg, ps, trainable=False)
-    policy.load(sys.argv[2])
-    policy.export_hf(sys.argv[3])
-    ps.destroy()
-"""
-
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
@@ -59,7 +47,7 @@ def test_sft_steps_followed_by_sft_steps_skip_the_sync(tmp_path):
     assert all(r["optim/skipped"] == 0.0 for r in records)
     # the final weights were still exported at the end: they equal the last checkpoint's
     out = tmp_path / "reloaded"
-    subprocess.run([sys.executable, "-c", RELOAD, CONFIG, str(run_dir / "checkpoints/step_000004"), str(out),
+    subprocess.run([sys.executable, "-c", RELOAD_CHECK, CONFIG, str(run_dir / "checkpoints/step_000004"), str(out),
                     *overrides], check=True, cwd=ROOT, timeout=300, capture_output=True, env=env)
     synced, reloaded = _tensors(run_dir / "weights"), _tensors(out)
     assert synced.keys() == reloaded.keys() and synced
