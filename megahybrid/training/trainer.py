@@ -102,9 +102,12 @@ class Trainer:
                 self.save()
             if stop:
                 break
-        self.sync_engines()
-        if self.cfg.rollout.weight_sync == "broadcast":  # the run's final weights as a folder (the next stage
-            self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)  # starts there)
+        # the run's final weights as a folder (the next curriculum stage starts there); broadcast mode writes it
+        # directly: sending them to engines that are about to close would be wasted
+        if self.cfg.rollout.weight_sync == "broadcast":
+            self.policy.export_hf(str(self.sync_dir), tokenizer_dir=self.tokenizer.name_or_path)
+        else:
+            self.sync_engines()
         if self.generator is not None:
             log_engine_share(self.generator)
         return last_eval
