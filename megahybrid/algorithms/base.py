@@ -3,7 +3,8 @@
 Flow of one step (the trainer never branches on a method's name, only on these declarations):
 
     plan = algo.plan(step)                          # rollouts this step? demos? (SASR: SFT vs GRPO step)
-    batch = <rollouts (if plan.rollouts) + demos (if plan.demos)>, rewards, old logp/entropy (no-grad pass)
+    batch = <rollouts (if plan.rollouts) + demos (if plan.demos)>, rewards, old logp/entropy (a no-grad pass if
+                                                    # algo.old_logp_before_loss, else the training forward's own)
     keep = algo.keep_sequences(batch)               # dynamic sampling (GRPO filter, SRL std filter)
     algo.observe_groups(step, summaries)            # every rank sees the step's groups (ReLIFT's buffer)
     batch, local_stats = algo.prepare_batch(batch, plan)  # rollout correction + drift stats, then prepare():
@@ -101,8 +102,9 @@ class StepPlan:
     demos: bool = False
     """Put the prompts' demonstrations into the batch."""
     old_logp: bool = True
-    """Run the no-grad pass for old log-probs / entropies before `prepare` (False: nothing of this step reads them,
-    e.g. SASR's SFT steps; the pass costs a forward over the whole batch)."""
+    """The step reads old-policy log-probs / entropies (False: nothing of this step reads them, e.g. SASR's SFT
+    steps). They come from a no-grad pass before `prepare` when `Algorithm.old_logp_before_loss`, else from the
+    training forward itself (detached)."""
     kind: str = "rl"
     """A short label of the step type for logs (`sft`, `rl`, `hybrid`)."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -151,8 +153,18 @@ class Algorithm(abc.ABC):
     needs_rollouts: ClassVar[bool] = True
     """The method uses policy rollouts (a rollout pool is needed)."""
     needs_old_logp: ClassVar[bool] = True
-    """The method needs the no-grad pass for old log-probs / entropies before `prepare` (the default of
-    `StepPlan.old_logp`; a method whose step types differ sets it per step in `plan`)."""
+    """The method reads old-policy log-probs / entropies (the default of `StepPlan.old_logp`; a method whose step
+    types differ sets it per step in `plan`). Whether they need a pass of their own: `old_logp_before_loss`."""
+
+    @property
+    def old_logp_before_loss(self) -> bool:
+        """Old-policy log-probs/entropies must exist before the loss: `prepare` (or the rollout correction of
+        `prepare_batch`) computes something from them first. Then the trainer runs the separate no-grad pass.
+        Otherwise (the default), in a step that makes one optimizer update on its batch, the old policy *is* the
+        current one, and the trainer hands `loss` the training forward's own detached log-probs/entropies as
+        `old_logp`/`old_entropy`: the same values without a second forward over the batch. A method overrides
+        this when its `prepare` reads them (SRFT's batch-scope entropy weights)."""
+        return self.correction.mode != "none"  # correction weights come from old - engine log-probs in prepare
 
     def __init__(self, cfg: AlgorithmConfig, *, seed: int = 0, total_steps: int = 1,
                  rollout: RolloutConfig | None = None):

@@ -104,6 +104,12 @@ def mismatch_stats(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> dict[
                 "mismatch/sum_mult": masked(torch.exp(delta.abs()), mask).sum()}
 
 
+DRIFT_STATS = ("mismatch/num_tokens", "mismatch/sum_abs", "max/mismatch_abs", "mismatch/sum_k1", "mismatch/sum_k3",
+               "mismatch/sum_mult")
+"""The keys of `mismatch_stats` (when the old log-probs come from the training forward, the loss emits them as
+metric shares and the trainer moves them into the statistics)."""
+
+
 def weight_stats(w: Tensor, oob: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Local sums of the `rollout_corr/*` metrics (tokens on `mask`; sequence counts for per-sequence modes)."""
     with torch.no_grad():

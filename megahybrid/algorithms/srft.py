@@ -80,6 +80,11 @@ class SRFT(Algorithm):
     needs_demos = True
     needs_rollouts = True
 
+    @property
+    def old_logp_before_loss(self) -> bool:
+        """Batch-scope entropy weights are global means of H_old, all-reduced before the first loss."""
+        return super().old_logp_before_loss or "batch" in (self._weight_source("sft"), self._weight_source("rl"))
+
     def prepare(self, batch: Batch, plan: StepPlan) -> tuple[Batch, dict[str, Tensor]]:
         if self.cfg.demo_reward == "one":
             batch = dataclasses.replace(batch, rewards=torch.where(batch.is_demo, torch.ones_like(batch.rewards),

@@ -266,7 +266,15 @@ class TrainConfig:
     prompts_per_step: int = 128
     """Prompts (B) per step, global across data-parallel ranks."""
     micro_batch_size: int = 4
-    """Sequences per micro-batch per rank."""
+    """Most sequences per micro-batch per rank (a row cap; `max_tokens_per_micro_batch` bounds the tokens)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of a micro-batch (rows x its padded width, per rank): sequences are sorted by length and
+    packed up to it, each micro-batch trimmed to its own longest row. Bounds activation memory whatever the
+    sequence lengths. None: max(8192, the longest sequence a step can hold); a number below that is refused."""
+    old_logp_pass: Literal["auto", "always"] = "auto"
+    """`auto`: the separate no-grad pass for old log-probs runs only when the method needs them before its loss
+    (`Algorithm.old_logp_before_loss`); otherwise the training forward's detached values serve (one update per
+    batch: the old policy is the current one). `always`: run the pass anyway (the same values, to rounding)."""
     seed: int = 1234
     """Seed of everything (data order, init, engine sampling, SASR draws)."""
     run_dir: str = "runs/default"

@@ -15,6 +15,21 @@ def derived_data_parallel_size(cfg: RunConfig, world_size: int | None = None) ->
     return world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
 
 
+DEFAULT_MICRO_BATCH_TOKENS = 8192
+"""`train.max_tokens_per_micro_batch` when unset (raised to the longest sequence where that is longer)."""
+
+
+def longest_sequence(cfg: RunConfig) -> int:
+    """The most tokens one sequence of a training step can have (prompt + rollout or demo)."""
+    return cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_demo_tokens)
+
+
+def micro_batch_token_budget(cfg: RunConfig) -> int:
+    """The effective `train.max_tokens_per_micro_batch`."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    return budget if budget is not None else max(DEFAULT_MICRO_BATCH_TOKENS, longest_sequence(cfg))
+
+
 def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     """Return a list of problems (empty when the config is consistent)."""
     problems: list[str] = []
@@ -73,6 +88,12 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     if tr.eval_max_new_tokens is not None and data.max_prompt_tokens + tr.eval_max_new_tokens > ctx:
         problems.append(f"data.max_prompt_tokens + train.eval_max_new_tokens ({data.max_prompt_tokens} + "
                         f"{tr.eval_max_new_tokens}) exceeds model.max_position_embeddings ({ctx})")
+
+    budget, longest = tr.max_tokens_per_micro_batch, longest_sequence(cfg)
+    if budget is not None and budget < longest:
+        problems.append(f"train.max_tokens_per_micro_batch ({budget}) is below the longest sequence a step can "
+                        f"hold: data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_demo_tokens) = "
+                        f"{longest}; raise it or leave it unset (auto)")
 
     launch = cfg.launch
     if launch.gpus_per_node > 0 and world is not None:

@@ -41,15 +41,29 @@ class Policy:
         """The unwrapped GPTModel chunks."""
         return [getattr(c, "module", c) for c in self.chunks]
 
-    def _micro_token_batches(self, tokens: Tensor, micro_batch_size: int) -> list[Tensor]:
+    def _micro_token_batches(self, tokens: Tensor, micro_batch_size: int,
+                             rows: list[list[int]] | None = None, widths: list[int] | None = None) -> list[Tensor]:
+        """Token micro-batches: consecutive chunks of `micro_batch_size` rows, or the row sets `rows` trimmed to
+        `widths` (a token-budget plan). Equal shapes when pipeline parallel (p2p needs them)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [S, T]; got shape {tuple(tokens.shape)}")
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens need at least 2 positions; got shape {tuple(tokens.shape)}")
         tokens = tokens.to(self.ps.device)
-        batches = [step_lib.pad_tokens(tokens[i:i + micro_batch_size], micro_batch_size, tokens.shape[1])
-                   for i in range(0, tokens.shape[0], micro_batch_size)]
+        if rows is None:
+            batches = [step_lib.pad_tokens(tokens[i:i + micro_batch_size], micro_batch_size, tokens.shape[1])
+                       for i in range(0, tokens.shape[0], micro_batch_size)]
+        else:
+            index = [torch.tensor(r, dtype=torch.long, device=tokens.device) for r in rows]
+            batches = [tokens[i, :max(2, w)] for i, w in zip(index, widths)]
+            if self.ps.pp_size > 1:
+                batches = self._equal_shapes(batches)
         return batches + self._filler_batches(len(batches), batches[0])
+
+    @staticmethod
+    def _equal_shapes(batches: list[Tensor]) -> list[Tensor]:
+        num_seq, num_pos = max(b.shape[0] for b in batches), max(b.shape[1] for b in batches)
+        return [step_lib.pad_tokens(b, num_seq, num_pos) for b in batches]
 
     def _filler_batches(self, count: int, like: Tensor | None) -> list[Tensor]:
         """All-padding micro-batches so that every rank runs the schedule (and its gradient all-reduce) at least
@@ -76,14 +90,17 @@ class Policy:
 
     # ------------------------------------------------------------------------------------------ forward passes
     @torch.no_grad()
-    def logp_entropy(self, tokens: Tensor, *, temperature: float = 1.0, micro_batch_size: int
-                     ) -> tuple[Tensor, Tensor]:
+    def logp_entropy(self, tokens: Tensor, *, temperature: float = 1.0, micro_batch_size: int,
+                     rows: list[list[int]] | None = None, widths: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """No-grad pass. tokens `[S, T]` -> (logp, entropy) `[S, T]` float32 on CPU, on every rank;
-        `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` at `temperature`, position 0 = 0."""
+        `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` at `temperature`, position 0 = 0.
+
+        Micro-batches: `micro_batch_size` consecutive rows, or (token budget) the row sets `rows` each cut to its
+        `widths` positions; positions past a row's width come back as 0."""
         num_seq, num_pos = tokens.shape
         if num_seq == 0:
             return torch.zeros(0, num_pos), torch.zeros(0, num_pos)
-        batches = self._micro_token_batches(tokens, micro_batch_size)
+        batches = self._micro_token_batches(tokens, micro_batch_size, rows, widths)
 
         def head(i, model, hidden):
             logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature)
@@ -91,9 +108,16 @@ class Policy:
 
         self._set_mode(False)
         payloads = step_lib.run_pipeline(self.chunks, batches, head, forward_only=True)
-        stacked = torch.cat([p["out"] for p in payloads], dim=1) if payloads else None
-        stacked = self._broadcast_stacked(stacked, (2, len(batches) * micro_batch_size, num_pos))
-        stacked = stacked[:, :num_seq].cpu()
+        stacked = None
+        if payloads and rows is None:
+            stacked = torch.cat([p["out"] for p in payloads], dim=1)[:, :num_seq]
+        elif payloads:  # scatter each planned micro-batch back to its rows
+            stacked = torch.zeros((2, num_seq, num_pos), dtype=torch.float32, device=payloads[0]["out"].device)
+            for r, p in zip(rows, payloads):
+                out = p["out"][:, :len(r), :num_pos]
+                stacked[:, torch.tensor(r, dtype=torch.long, device=out.device), :out.shape[2]] = out
+        stacked = self._broadcast_stacked(stacked, (2, num_seq, num_pos))
+        stacked = stacked.cpu()
         return stacked[0], stacked[1]
 
     @torch.no_grad()
@@ -129,9 +153,11 @@ class Policy:
         in the collective reductions); all ranks of one model-parallel group must pass the same ones."""
         if not self.trainable:
             raise RuntimeError("train_step on a frozen policy (built with trainable=False / build_reference)")
-        num_seq = max((int(mb.tokens.shape[0]) for mb in micro_batches), default=1)
-        num_pos = max((int(mb.tokens.shape[1]) for mb in micro_batches), default=2)
-        batches = [step_lib.pad_tokens(mb.tokens.to(self.ps.device), num_seq, num_pos) for mb in micro_batches]
+        # each micro-batch at its own shape (token-budget micro-batches are trimmed to their longest row);
+        # pipeline p2p needs one shape for all (Megatron without variable_seq_lengths)
+        batches = [mb.tokens.to(self.ps.device) for mb in micro_batches]
+        if self.ps.pp_size > 1 and batches:
+            batches = self._equal_shapes(batches)
         batches += self._filler_batches(len(batches), batches[0] if batches else None)
 
         def head(i, model, hidden):

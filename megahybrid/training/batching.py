@@ -102,6 +102,67 @@ def concat(a: Batch, b: Batch) -> Batch:
                  fields={k: torch.cat([v, b.fields[k]]) for k, v in a.fields.items()})
 
 
+def sequence_lengths(batch: Batch) -> list[int]:
+    """Length of every row that matters (one past its last response token; 1 for a row without any): what is
+    after it is right-padding, or tokens no loss or metric reads."""
+    num_seq, num_pos = batch.tokens.shape
+    pos = torch.arange(num_pos).expand(num_seq, num_pos)
+    last = torch.where(batch.response_mask, pos, torch.full_like(pos, -1)).amax(dim=1) if num_pos else \
+        torch.zeros(num_seq, dtype=torch.long)
+    return (last + 1).clamp(min=1).tolist()
+
+
+def plan_micro_batches(lengths: list[int], *, max_rows: int, max_tokens: int | None, multiple: int = 1,
+                       uniform: bool = False) -> list[list[int]]:
+    """Rows of each micro-batch, by a token budget.
+
+    `max_tokens` None: consecutive chunks of `max_rows` rows (every micro-batch as wide as the longest row).
+    Otherwise rows are sorted by length (longest first) and packed greedily while rows x padded width (its
+    longest row, rounded up to `multiple`) stays within `max_tokens` and rows within `max_rows`: short sequences
+    no longer pay for the longest one's padding, and the budget, not a row count, bounds activation memory.
+    A row longer than the budget gets a micro-batch of its own (the config check refuses budgets below the
+    longest possible sequence). `uniform`: every micro-batch the same shape (pipeline p2p without
+    variable_seq_lengths): rows per micro-batch = budget // the longest padded row."""
+    n = len(lengths)
+    if max_tokens is None:
+        return [list(range(i, min(i + max_rows, n))) for i in range(0, n, max_rows)]
+    order = sorted(range(n), key=lambda i: -lengths[i])  # stable: equal lengths keep batch order
+    width = [-(-max(lengths[i], 1) // multiple) * multiple for i in range(n)]
+    if uniform:
+        rows = max(1, min(max_rows, max_tokens // max(width, default=1)))
+        return [order[i:i + rows] for i in range(0, n, rows)]
+    plans: list[list[int]] = []
+    for i in order:
+        cur = plans[-1] if plans else None
+        # rows are in decreasing length, so the micro-batch's width is that of its first row
+        if cur is not None and len(cur) < max_rows and (len(cur) + 1) * width[cur[0]] <= max_tokens:
+            cur.append(i)
+        else:
+            plans.append([i])
+    return plans
+
+
+def take_rows(batch: Batch, rows: list[int], multiple: int) -> Batch:
+    """The micro-batch of `rows`, trimmed to its own longest sequence (rounded up to `multiple`)."""
+    mb = batch.select(torch.tensor(rows, dtype=torch.long))
+    width = max(sequence_lengths(mb), default=1)
+    width = min(-(-width // multiple) * multiple, batch.tokens.shape[1]) if batch.tokens.shape[1] else width
+    return trim_positions(mb, max(width, 2) if batch.tokens.shape[1] >= 2 else width)
+
+
+def trim_positions(batch: Batch, width: int) -> Batch:
+    """Keep the first `width` positions of every [S, T] tensor (padding after every real token goes)."""
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:, :width]
+
+    fields = {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == batch.tokens.shape[1] else v)
+              for k, v in batch.fields.items()}
+    return Batch(tokens=cut(batch.tokens), response_mask=cut(batch.response_mask), prompt_index=batch.prompt_index,
+                 is_demo=batch.is_demo, rewards=batch.rewards, old_logp=cut(batch.old_logp),
+                 old_entropy=cut(batch.old_entropy), ref_logp=cut(batch.ref_logp), engine_logp=cut(batch.engine_logp),
+                 fields=fields)
+
+
 def micro_batches(batch: Batch, micro_batch_size: int, num_micro_batches: int, pad_id: int) -> list[Batch]:
     """Exactly `num_micro_batches` micro-batches of `micro_batch_size` rows each (pipeline schedules need equal
     shapes on every micro-batch), padding with rows that contribute nothing."""
@@ -112,6 +173,21 @@ def micro_batches(batch: Batch, micro_batch_size: int, num_micro_batches: int, p
     if batch.num_sequences < want:
         batch = concat(batch, padding_rows(batch, want - batch.num_sequences, pad_id))
     return [batch.select(slice(i * micro_batch_size, (i + 1) * micro_batch_size)) for i in range(num_micro_batches)]
+
+
+def budget_micro_batches(batch: Batch, plan: list[list[int]], num_micro_batches: int, pad_id: int, *,
+                         multiple: int = 1) -> list[Batch]:
+    """The micro-batches of `plan` (from `plan_micro_batches`), each trimmed to its own width, then empty
+    micro-batches (one padding row that contributes nothing) up to `num_micro_batches`: every data-parallel
+    rank must run the same number, for the gradient reduction at the end of the schedule."""
+    if len(plan) > num_micro_batches:
+        raise ValueError(f"{len(plan)} planned micro-batches exceed the {num_micro_batches} every rank runs")
+    mbs = [take_rows(batch, rows, multiple) for rows in plan if rows]
+    width = max(2, multiple)
+    while len(mbs) < num_micro_batches:
+        mbs.append(trim_positions(padding_rows(batch, 1, pad_id), width) if batch.tokens.shape[1] >= width
+                   else padding_rows(batch, 1, pad_id))
+    return mbs
 
 
 def shard_groups(groups: list[Group], dp_rank: int, dp_size: int) -> tuple[list[Group], int]:

@@ -7,8 +7,9 @@ Megatron by default divides by the number of micro-batches and averages over DP;
 loss functions returning `(loss, num_tokens, payload)`, skips the 1/num_microbatches; our
 `finalize_model_grads` wrapper drops the final division by the token count.
 
-Micro-batches are padded to one `[S_max, T_max]` shape (pipeline p2p needs fixed shapes): extra rows are dropped
-before the loss and extra positions sit after every real token (causal attention: they change nothing before).
+Under pipeline parallelism micro-batches are padded to one `[S_max, T_max]` shape (p2p needs fixed shapes): extra
+rows are dropped before the loss and extra positions sit after every real token (causal attention: they change
+nothing before). Without it each micro-batch runs at its own shape (token-budget micro-batches, trimmed).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
 def run_pipeline(chunks: list[torch.nn.Module], token_batches: Sequence[Tensor],
                  head: Callable[[int, torch.nn.Module, Tensor], tuple[Tensor, dict[str, Any]]], *,
                  forward_only: bool) -> list[dict[str, Any]]:
-    """Run Megatron's forward(-backward) schedule over equally shaped `[S, T]` token batches.
+    """Run Megatron's forward(-backward) schedule over `[S, T]` token batches (of one shape when pipeline parallel:
+    `seq_length`/`micro_batch_size` size the p2p buffers; without pipelining each batch may have its own).
 
     `head(i, unwrapped_chunk, hidden [T, S, H])` runs on the last stage and returns (loss share, payload);
     returns the payloads in micro-batch order on the last stage ([] elsewhere)."""
@@ -77,7 +79,7 @@ def run_pipeline(chunks: list[torch.nn.Module], token_batches: Sequence[Tensor],
 
     def forward_step(data_iterator, model):
         i, tokens = next(data_iterator)
-        positions = torch.arange(num_pos, device=tokens.device).unsqueeze(0).expand(num_seq, -1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
         hidden = model(input_ids=tokens, position_ids=positions, attention_mask=None)
         inner = get_attr_wrapped_model(model, "head_weight", return_model_obj=True)
         return hidden, partial(loss_func, i, inner)
@@ -101,14 +103,19 @@ def broadcast_from_last_stage(obj: Any, pp_group, pp_size: int) -> Any:
 
 
 def sum_payload_metrics(payloads: list[dict[str, Any]], dp_group) -> tuple[float, dict[str, float]]:
-    """Sum loss and metric shares over micro-batches (last stage) and over data-parallel ranks."""
+    """Sum loss and metric shares over micro-batches (last stage) and over data-parallel ranks; metrics whose key
+    starts with `max/` take the maximum instead."""
     keys = sorted({k for p in payloads for k in p["metrics"]})
     values = torch.zeros(1 + len(keys), dtype=torch.float64)
+    for j, k in enumerate(keys):
+        if k.startswith("max/"):
+            values[1 + j] = -float("inf")
     for p in payloads:
         values[0] += float(p["loss"])
         for j, k in enumerate(keys):
             if k in p["metrics"]:
-                values[1 + j] += float(p["metrics"][k])
+                v = float(p["metrics"][k])
+                values[1 + j] = max(values[1 + j].item(), v) if k.startswith("max/") else values[1 + j] + v
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         # Every DP rank sees the same keys only if its loss_fn emits the same ones; gather the union first.
         all_keys: list[list[str]] = [[] for _ in range(dist.get_world_size(dp_group))]
@@ -118,8 +125,15 @@ def sum_payload_metrics(payloads: list[dict[str, Any]], dp_group) -> tuple[float
             old = dict(zip(keys, values[1:].tolist()))
             keys, values = union, torch.tensor([values[0].item()] + [old.get(k, 0.0) for k in union],
                                                dtype=torch.float64)
-        values = values.to(collective_device(dp_group))  # NCCL reduces CUDA tensors only
-        dist.all_reduce(values, group=dp_group)
+        device = collective_device(dp_group)  # NCCL reduces CUDA tensors only
+        is_max = torch.tensor([False] + [k.startswith("max/") for k in keys])
+        sums = torch.where(is_max, torch.zeros_like(values), values).to(device)
+        dist.all_reduce(sums, group=dp_group)
+        if bool(is_max.any()):
+            maxima = torch.where(is_max, values, torch.full_like(values, -float("inf"))).to(device)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=dp_group)
+            sums = torch.where(is_max.to(device), maxima, sums)
+        values = sums.cpu()
     return float(values[0]), dict(zip(keys, values[1:].tolist()))
 
 

@@ -7,7 +7,7 @@ Megatron optimizer step over micro-batches -> algorithm.after_step -> weight syn
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,7 +20,10 @@ from megahybrid.algorithms.base import Algorithm, Batch, StepPlan
 from megahybrid.algorithms.registry import get_algorithm
 from megahybrid.config.schema import RunConfig
 from megahybrid.parallel.collectives import collective_device
-from megahybrid.training.batching import Group, collate, length_multiple, micro_batches, shard_groups
+from megahybrid.algorithms.correction import DRIFT_STATS, mismatch_stats
+from megahybrid.config.validate import micro_batch_token_budget
+from megahybrid.training.batching import (Group, budget_micro_batches, collate, length_multiple, plan_micro_batches,
+                                          sequence_lengths, shard_groups)
 from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
 from megahybrid.training.extra_phase import ExtraPhaseRunner, group_summaries
 from megahybrid.training.mismatch import MismatchAlarm
@@ -55,6 +58,7 @@ class Trainer:
         self.mismatch_alarm = MismatchAlarm(cfg.rollout.max_mismatch_k3, cfg.rollout.mismatch_patience)
         self.extra_phases = ExtraPhaseRunner(self)
         self.policy = build_policy(cfg, ps, extra_parameters=self.algo.parameters())
+        self.micro_batch_tokens = micro_batch_token_budget(cfg)
         self.reference = build_reference(cfg, ps) if self.algo.needs_ref else None
         self.sampler = PromptSampler(len(train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.ckpts = CheckpointDirs(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -130,17 +134,24 @@ class Trainer:
             return metrics
         mine, offset = shard_groups(groups, self.ps.dp_rank, self.ps.dp_size)
         batch = collate(mine, prompt_offset=offset, pad_id=self.pad_id, length_multiple=self._length_multiple())
+        # one optimizer update per batch: unless the method computes something from the old policy before its
+        # loss, the old policy is the current one and the training forward supplies the old values itself
+        old_from_forward = (plan.old_logp and not self.algo.old_logp_before_loss
+                            and self.cfg.train.old_logp_pass == "auto")
+        metrics["batch/old_logp_pass"] = float(plan.old_logp and not old_from_forward)
         t0 = time.perf_counter()
-        self._fill_old_logp(batch, plan)
+        self._fill_old_logp(batch, plan, separate_pass=not old_from_forward)
         metrics["time/old_logp_s"] = time.perf_counter() - t0
         batch, local_stats = self.algo.prepare_batch(batch, plan)
         stats = self._reduce_stats(local_stats)
         mbs = self._micro_batches(batch)
         t0 = time.perf_counter()
-        result = self.policy.train_step(
-            mbs, lambda mb, logp, ent: self.algo.loss(mb, logp, ent, stats, plan),
-            temperature=self.cfg.rollout.temperature)
+        result = self.policy.train_step(mbs, self._loss_fn(stats, plan, old_from_forward),
+                                        temperature=self.cfg.rollout.temperature)
         metrics["time/train_s"] = time.perf_counter() - t0
+        if old_from_forward:  # the drift statistics came out of the loss: they belong with the others
+            stats = {**stats, **{k: torch.tensor(result.metrics.pop(k), dtype=torch.float64)
+                                 for k in DRIFT_STATS if k in result.metrics}}
         metrics.update({k: float(v) for k, v in result.metrics.items()})
         metrics["actor/grad_norm"] = float(result.grad_norm)
         metrics["optim/lr"] = float(result.lr)
@@ -203,13 +214,34 @@ class Trainer:
         metrics.update(self.generator.metrics())
         return kept[:usable], metrics, self.sampler.position
 
-    def _fill_old_logp(self, batch: Batch, plan: StepPlan) -> None:
-        temp, mbs = self.cfg.rollout.temperature, self.cfg.train.micro_batch_size
-        if plan.old_logp:
-            batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, temperature=temp,
-                                                                         micro_batch_size=mbs)
+    def _fill_old_logp(self, batch: Batch, plan: StepPlan, *, separate_pass: bool = True) -> None:
+        """No-grad passes: the old policy's log-probs/entropies (when the step reads them and they cannot come from
+        the training forward) and the reference's (KL)."""
+        if not (plan.old_logp and separate_pass) and self.reference is None:
+            return
+        temp = self.cfg.rollout.temperature
+        rows = self._micro_batch_plan(batch, uniform=self.ps.pp_size > 1)
+        widths = [self._padded_width(max(sequence_lengths(batch.select(torch.tensor(r)))) if r else 2)
+                  for r in rows]
+        kw = dict(temperature=temp, micro_batch_size=self.cfg.train.micro_batch_size, rows=rows, widths=widths)
+        if plan.old_logp and separate_pass:
+            batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, **kw)
         if self.reference is not None:
-            batch.ref_logp, _ = self.reference.logp_entropy(batch.tokens, temperature=temp, micro_batch_size=mbs)
+            batch.ref_logp, _ = self.reference.logp_entropy(batch.tokens, **kw)
+
+    def _loss_fn(self, stats: dict[str, torch.Tensor], plan: StepPlan, old_from_forward: bool):
+        """The method's loss; with `old_from_forward`, the micro-batch's old log-probs/entropies are the forward's
+        own detached values, and the drift statistics (engine vs trainer, SPEC 10.B) come out as metric shares."""
+        def loss(mb: Batch, logp: torch.Tensor, ent: torch.Tensor):
+            if not old_from_forward:
+                return self.algo.loss(mb, logp, ent, stats, plan)
+            mb = dataclasses.replace(mb, old_logp=logp.detach(), old_entropy=ent.detach())
+            value, shares = self.algo.loss(mb, logp, ent, stats, plan)
+            if mb.engine_logp is not None:
+                rollout = mb.response_mask & ~mb.is_demo[:, None]
+                shares = {**shares, **mismatch_stats(mb.old_logp, mb.engine_logp, rollout)}
+            return value, shares
+        return loss
 
     def _reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All-reduce the algorithm's statistics: SUM, except keys starting with `max/` (maxima, e.g. the largest
@@ -229,14 +261,26 @@ class Trainer:
         return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
                                sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
 
+    def _padded_width(self, length: int) -> int:
+        multiple = self._length_multiple()
+        return -(-max(length, 2) // multiple) * multiple
+
+    def _micro_batch_plan(self, batch: Batch, *, uniform: bool) -> list[list[int]]:
+        """Rows of each micro-batch: by length, within `train.max_tokens_per_micro_batch` tokens and
+        `train.micro_batch_size` rows (batching.plan_micro_batches)."""
+        return plan_micro_batches(sequence_lengths(batch), max_rows=self.cfg.train.micro_batch_size,
+                                  max_tokens=self.micro_batch_tokens, multiple=self._length_multiple(),
+                                  uniform=uniform)
+
     def _micro_batches(self, batch: Batch) -> list[Batch]:
-        """Equal-shape micro-batches; every data-parallel rank runs the same number (max over ranks)."""
-        mbs = self.cfg.train.micro_batch_size
-        count = torch.tensor([max(1, math.ceil(batch.num_sequences / mbs))], dtype=torch.long)
+        """Token-budget micro-batches, each trimmed to its longest row (one shape when pipeline parallel); every
+        data-parallel rank runs the same number (max over ranks, the short ranks add empty ones)."""
+        plan = self._micro_batch_plan(batch, uniform=self.ps.pp_size > 1)
+        count = torch.tensor([max(1, len(plan))], dtype=torch.long)
         if self.ps.dp_size > 1:
             count = count.to(collective_device(self.ps.dp_group))  # NCCL reduces CUDA tensors only
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.dp_group)
-        return micro_batches(batch, mbs, int(count.item()), self.pad_id)
+        return budget_micro_batches(batch, plan, int(count.item()), self.pad_id, multiple=self._length_multiple())
 
     def _batch_metrics(self, groups: list[Group]) -> dict[str, float]:
         rollouts = [s for g in groups for s in g.sequences if not s.is_demo]

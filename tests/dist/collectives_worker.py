@@ -2,6 +2,7 @@
 step's statistics reductions, and check each result against the sum/max computed here from both ranks' inputs."""
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -30,8 +31,10 @@ def worker(rank: int, world: int, store_path: str, out_path: str) -> None:
         try:
             dp_group = dist.new_group(list(range(world)))  # default backend: NCCL on a GPU cluster
             gloo_group = dist.new_group(list(range(world)), backend="gloo")
-            fake = SimpleNamespace(ps=SimpleNamespace(dp_size=world, dp_group=dp_group),
-                                   cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=1)), pad_id=0)
+            fake = SimpleNamespace(ps=SimpleNamespace(dp_size=world, dp_group=dp_group, pp_size=1),
+                                   cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=1)), pad_id=0,
+                                   micro_batch_tokens=None, _length_multiple=lambda: 1)
+            fake._micro_batch_plan = partial(Trainer._micro_batch_plan, fake)
             batch = _batch(rank)
             results = {
                 # the statistics of algorithm.prepare and the num_tokens of train_one_step
