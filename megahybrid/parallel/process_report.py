@@ -7,6 +7,7 @@ resident memory was near what the machine (or its cgroup) allows.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -16,7 +17,17 @@ NEAR_MEMORY = 0.8
 MEMORY_SETTINGS = ("train.micro_batch_size (activations per rank), rollout.max_num_seqs and "
                    "rollout.kv_cache_memory_bytes (engine memory), rollout.num_workers / parallel.world_size "
                    "(processes per node)")
+"""The settings that bound a job's memory, named by the out-of-memory message (see `memory_settings`)."""
 GIB = 1 << 30
+
+
+def memory_settings() -> str:
+    """MEMORY_SETTINGS, led by the micro-batch token budget where the config has one."""
+    from megahybrid.config.schema import TrainConfig
+
+    if "max_tokens_per_micro_batch" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return f"train.max_tokens_per_micro_batch (the token budget) or {MEMORY_SETTINGS}"
+    return MEMORY_SETTINGS
 
 
 def signal_name(signum: int) -> str:
@@ -118,7 +129,7 @@ def describe_exit(what: str, pid: int | None, returncode: int, *, peak_rss: int 
         seen += f", {what} alone {peak_rss / GIB:.1f} GiB" if peak_rss else ""
         seen += "; the kernel counted an OOM kill" if oom_counted else ""
         return (f"{text}. Likely cause: out of memory ({seen}). "
-                f"Lower {MEMORY_SETTINGS}.")
+                f"Lower {memory_settings()}.")
     if not (peak_rss or job_rss):
         return text  # nothing measured: no guess
     return f"{text} (memory was not near the limit: killed from outside, e.g. by a person or a scheduler)"
