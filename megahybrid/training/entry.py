@@ -1,7 +1,9 @@
 """`megahybrid train` / `megahybrid eval`: config -> processes -> Trainer, and the run's closing line.
 
-Outside torchrun/Slurm with `parallel.world_size > 1`, this process becomes a small launcher (launch_local.py)
-that starts the ranks and prints the closing line after they have all exited, so it is the last line of output.
+Outside torchrun/Slurm, the `megahybrid train` command becomes a small launcher (launch_local.py) that starts the
+ranks, one with `parallel.world_size: 1`, watches them (a rank killed by a signal, e.g. by the OOM killer, is named,
+and no engine or reward worker outlives it) and prints the closing line after they have all exited, so it is the
+last line of output. A program that calls `run_training` itself trains a world of 1 in its own process.
 """
 from __future__ import annotations
 
@@ -21,26 +23,48 @@ _LOCAL_CHILD_ENV = "MEGAHYBRID_LOCAL_LAUNCH"
 
 
 def run_training(config_path: str, overrides: list[str], *, fresh: bool = False) -> int:
-    from megahybrid.training.launch_local import launch, under_distributed_launcher
+    from megahybrid.training.launch_local import die_with_launcher, launch
 
+    die_with_launcher()  # a rank of the local launcher ends with it
     cfg = load_config(config_path, overrides)
     if cfg.stages:
         return run_stages(cfg, config_path)
     run_dir = Path(cfg.train.run_dir)
     if not fresh and report_if_complete(cfg):
         return 0
-    check_inputs(cfg)  # bad data exits 2 here, before any rank, engine or run-directory file exists
-    if fresh and is_rank0_process():
-        set_aside(run_dir)
     world = cfg.parallel.world_size or 1
-    if world > 1 and not under_distributed_launcher():
+    launching = _launches_ranks(world)
+    # a single rank checks its inputs and sets an old run aside itself, as it did in this process (which then
+    # imports no torch: it only watches); several ranks are checked here, once, before any of them starts
+    if not (launching and world == 1):
+        check_inputs(cfg)  # bad data exits 2 here, before any rank, engine or run-directory file exists
+        if fresh and is_rank0_process():
+            set_aside(run_dir)
+    if launching:
         os.environ[_LOCAL_CHILD_ENV] = "1"
         start = time.time()
-        code = launch(world, ["train", config_path, *overrides])
+        code = launch(world, ["train", *(["--fresh"] if fresh and world == 1 else []), config_path, *overrides])
         if code == 0:
             print_final_line(run_dir, start)
         return code
     return _train_this_rank(cfg, print_final=os.environ.get(_LOCAL_CHILD_ENV) != "1")
+
+
+def _launches_ranks(world: int) -> bool:
+    """Whether this process starts the ranks (launch_local.py) rather than train itself: outside torchrun/Slurm,
+    for a world of several ranks, and for a world of 1 when this process is the `megahybrid` command, whose rank
+    (`python -m megahybrid train ...`) then runs what this process would have run. A program that calls
+    `run_training` itself (e.g. a test that patches the Trainer first) trains a world of 1 in its own process."""
+    from megahybrid.training.launch_local import under_distributed_launcher
+
+    if under_distributed_launcher():
+        return False
+    if world > 1:
+        return True
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    # `python -m megahybrid` (what the launcher runs), or the console script `megahybrid`
+    return (spec is not None and spec.name == "megahybrid.__main__") or Path(sys.argv[0]).name == "megahybrid"
 
 
 def is_rank0_process() -> bool:
@@ -117,9 +141,7 @@ def run_stages(cfg: RunConfig, config_path: str) -> int:
             print(f"[megahybrid] stage {index}: already finished in {run_dir}", file=sys.stderr, flush=True)
             continue
         print(f"[megahybrid] stage {index}: {stage.algorithm.name} in {run_dir}", file=sys.stderr, flush=True)
-        from megahybrid.training.launch_local import under_distributed_launcher
-
-        if (stage.parallel.world_size or 1) > 1 and not under_distributed_launcher():
+        if _launches_ranks(stage.parallel.world_size or 1):
             stage_file = run_dir.parent / f"{run_dir.name}.stage.yaml"
             stage_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(stage_file, dump_yaml(stage))

@@ -1,11 +1,12 @@
-"""Start N local trainer ranks when `megahybrid train` is run outside torchrun (the laptop / CI path).
+"""Start N local trainer ranks when `megahybrid train` is run outside torchrun (the laptop / CI path), N = 1 included.
 
 Why not exec torchrun: its agent turns a SIGTERM into a worker kill and a non-zero exit, while pre-emption must
 let every rank checkpoint and exit 0. This launcher forwards SIGTERM/SIGUSR1 to the ranks, waits for them, and
 fails fast: when one rank fails, it says which rank and how (a signal, and for SIGKILL whether memory ran out),
 stops the others and returns that rank's exit code (128 + N for signal N). It is a child subreaper, so the engines
 and reward workers of a rank that was killed (they run in sessions of their own) come back to it and are stopped:
-no process outlives the job.
+no process outlives the job. A one-rank run goes through it too (a trainer killed by the OOM killer cannot say so
+itself); its rank is a world of 1 (torch.distributed over a local TCP store) with the launcher's own environment.
 On a cluster, Slurm + torchrun (slurm/common.sh) set RANK/WORLD_SIZE and this module is not used.
 """
 from __future__ import annotations
@@ -21,8 +22,13 @@ from pathlib import Path
 
 from megahybrid.parallel.process_report import children_map, describe_exit, descendants, oom_kill_count, rss_bytes
 
+EXIT_CONFIG_ERROR = 2
+"""cli.EXIT_CONFIG_ERROR: the exit code of a config or data error, which rank 0 reports in words itself."""
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+LAUNCHER_PID_ENV = "MEGAHYBRID_LAUNCHER_PID"
+"""Set in each rank's environment: the launcher's pid (see `die_with_launcher`)."""
 FULL_DISK_BYTES = 64 << 20
 """A file system with less free space than this (or than 5% of its size, if smaller) counts as full: a write
 that failed there most likely failed for want of space (a checkpoint is tens of MiB even for a tiny model)."""
@@ -42,14 +48,18 @@ def launch(world_size: int, argv: list[str], *, poll_s: float = 0.2) -> int:
     """Run `python -m megahybrid <argv>` as `world_size` ranks with torch.distributed env vars; return exit code."""
     port = free_port()
     # one share of the cores per rank: torch's default (all cores in every rank) oversubscribes the CPU and
-    # OpenMP's spinning makes a 2-rank run on 2 cores several times slower
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
+    # OpenMP's spinning makes a 2-rank run on 2 cores several times slower. One rank keeps the environment as it
+    # is (torch's default: all cores), as when it trained in this process
+    threads = {}
+    if world_size > 1:
+        threads["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1)
+                                                                                // world_size))
     become_subreaper()  # before any rank starts, so that even an early rank's orphans come back to us
     procs: list[subprocess.Popen] = []
     for rank in range(world_size):
-        env = dict(os.environ, OMP_NUM_THREADS=threads, RANK=str(rank), LOCAL_RANK=str(rank),
+        env = dict(os.environ, **threads, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+                   MASTER_PORT=str(port), **{LAUNCHER_PID_ENV: str(os.getpid())})
         procs.append(subprocess.Popen([sys.executable, "-m", "megahybrid", *argv], env=env))
     return supervise(procs, poll_s=poll_s, watch_dirs=_run_dirs(argv))
 
@@ -82,6 +92,25 @@ def full_disk_hint(dirs: list[str]) -> str | None:
                     "a write there failed. Free space, then run the same command again: resume: auto continues "
                     "from the newest complete checkpoint (a partial one is ignored)")
     return None
+
+
+def die_with_launcher() -> None:
+    """In a rank started by `launch`: be killed (SIGKILL) when the launcher dies, e.g. `kill -9` of the
+    `megahybrid train` process, as a trainer inside that process died with it; a rank left behind would go on
+    training, watched by no one. Its engines and reward workers then see the closed connection and exit. Call it
+    first thing in the rank. Linux only; elsewhere (or outside a launched rank) it does nothing."""
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, None)  # for this process only, not for its engines' children
+    if launcher is None:
+        return
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before the death signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def become_subreaper() -> bool:
@@ -139,7 +168,9 @@ def _fail(procs, failed: list[int], memory: "_MemoryWatch", grace_s: float, stop
     failed.sort(key=lambda r: procs[r].returncode >= 0)
     for r in failed:
         p = procs[r]
-        print(f"[megahybrid] {describe_exit(f'rank {r}', p.pid, p.returncode, **memory.report(r))}",
+        if r == 0 and p.returncode == EXIT_CONFIG_ERROR:
+            continue  # rank 0 has printed its config or data error itself (cli.py), one line per problem
+        print(f"[megahybrid] {describe_exit(f'trainer rank {r}', p.pid, p.returncode, **memory.report(r))}",
               file=sys.stderr, flush=True)
     hint = full_disk_hint(watch_dirs)
     if hint:
