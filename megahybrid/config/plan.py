@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from megahybrid.config.loader import ConfigError, deep_merge, from_dict, to_dict
 from megahybrid.config.schema import RunConfig
+from megahybrid.config.validate import longest_sequence as sequence_tokens, micro_batch_token_budget
 
 GIB = 1 << 30
 RESERVE_GIB = 4.0
@@ -136,11 +137,6 @@ def parameters_per_gpu(cfg: RunConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def sequence_tokens(cfg: RunConfig) -> int:
-    """Longest training sequence: prompt plus the longer of a rollout and a demonstration."""
-    return cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_demo_tokens)
-
-
 def _needs_ref(cfg: RunConfig) -> bool:
     from megahybrid.algorithms.registry import get_algorithm
 
@@ -150,6 +146,12 @@ def _needs_ref(cfg: RunConfig) -> bool:
         return cfg.algorithm.kl_coef > 0
 
 
+def micro_batch_rows(cfg: RunConfig) -> float:
+    """Rows of the largest micro-batch of longest sequences: the row cap, or fewer where the token budget binds
+    (a fraction when the longest sequence alone fills it; activations scale with tokens)."""
+    return min(float(cfg.train.micro_batch_size), micro_batch_token_budget(cfg) / sequence_tokens(cfg))
+
+
 def trainer_memory(cfg: RunConfig, layout: Layout) -> dict[str, float]:
     """Bytes per trainer GPU by category (see the module docstring for each formula)."""
     m, par = cfg.model, cfg.parallel
@@ -157,7 +159,8 @@ def trainer_memory(cfg: RunConfig, layout: Layout) -> dict[str, float]:
     w = 4 if m.params_dtype == "float32" else 2
     o = 8 if m.params_dtype == "float32" else 12
     d = layout.dp if par.use_distributed_optimizer else 1
-    s, b, h, t = sequence_tokens(cfg), cfg.train.micro_batch_size, m.hidden_size, par.tensor_model_parallel_size
+    s, h, t = sequence_tokens(cfg), m.hidden_size, par.tensor_model_parallel_size
+    b = micro_batch_rows(cfg)
     t_sp = t if par.sequence_parallel else 1
     act = 2 if w == 2 else 4  # bytes of a saved activation element
     per_layer = act * s * b * (6 * h + 2 * m.num_query_groups * m.head_dim + 3 * m.ffn_hidden_size) / t
@@ -294,7 +297,8 @@ def _memory_lines(cfg: RunConfig, lay: Layout) -> list[str]:
     p = parameters_per_gpu(cfg)
     unit = "GPU" if lay.gpus_per_node else "rank (host RAM)"
     lines = [f"model: {model_parameters(cfg) / 1e9:.3f} B parameters; {p / 1e9:.3f} B per trainer {unit}; "
-             f"sequence {sequence_tokens(cfg)} tokens x micro-batch {cfg.train.micro_batch_size}",
+             f"sequence {sequence_tokens(cfg)} tokens x micro-batch {cfg.train.micro_batch_size} rows, at most "
+             f"{micro_batch_token_budget(cfg)} tokens (train.max_tokens_per_micro_batch)",
              f"trainer memory per {unit} (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items()),
              f"  total {total / GIB:.2f} GiB" + (f" of {cap:.0f} GiB ({'fits' if total <= cap * GIB else 'DOES NOT FIT'})"
                                                  if lay.gpus_per_node else "")]

@@ -270,7 +270,7 @@ class TrainConfig:
     max_tokens_per_micro_batch: int | None = None
     """Token budget of a micro-batch (rows x its padded width, per rank): sequences are sorted by length and
     packed up to it, each micro-batch trimmed to its own longest row. Bounds activation memory whatever the
-    sequence lengths. None: max(8192, the longest sequence a step can hold); a number below that is refused."""
+    sequence lengths. None: max(2048, the longest sequence a step can hold); a number below that is refused."""
     old_logp_pass: Literal["auto", "always"] = "auto"
     """`auto`: the separate no-grad pass for old log-probs runs only when the method needs them before its loss
     (`Algorithm.old_logp_before_loss`); otherwise the training forward's detached values serve (one update per
