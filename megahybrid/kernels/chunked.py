@@ -1,10 +1,13 @@
-"""Pure-torch blocked backend (the CPU default): loops over [vocabulary, token] blocks with preallocated
-buffers; backward recomputes each block's logits. The math lives in function.py and vocab_parallel.py.
+"""Pure-torch blocked backend (the CPU default): loops over [vocabulary, token] blocks; backward recomputes each
+block's logits. The math lives in function.py and vocab_parallel.py; the block GEMMs in cpu_gemm.py.
 
 Cost: 4 GEMMs of N x V x D (forward logits; backward: recomputed logits, grad_hidden, grad_weight) against the
-naive path's 3, paid for by never touching an [N, V] array. What keeps the rest cheap:
-- every elementwise pass runs on one cache-sized block, in place in two preallocated buffers (`out=` ops);
-  1/T and the -lse shift ride along inside the GEMMs (alpha / beta of addmm);
+naive path's 3, paid for by never touching an [N, V] array. The forward keeps only per-token statistics
+(lse, entropy), so the backward recomputes each block once. The entropy adds elementwise work, never a GEMM.
+What keeps the rest cheap:
+- the GEMMs run on oneDNN for float32 on x86 (cpu_gemm.py: about 2x MKL's float32 speed on the AMD box);
+- every elementwise pass runs on one cache-sized block, in place or into preallocated buffers (`out=` ops);
+  1/T rides in the hidden operand (h / T computed once), the -lse shift is one in-place add per block;
 - vocabulary blocks are the outer loop: a weight block (and its weight-gradient rows) stays in cache while the
   token blocks stream past, and the hidden states (N x D, smaller than V x D) are what gets re-read;
 - per-block softmax statistics go into small [blocks, N] tables merged once at the end, and the target (one-hot)
@@ -16,22 +19,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megahybrid.kernels import cpu_gemm as gemm
 from megahybrid.kernels.function import Coefficients, apply
-from megahybrid.kernels.fused_wgrad import add_into
 from megahybrid.kernels.inputs import KernelArgs
 from megahybrid.kernels.vocab_parallel import rescale
 
-# Tokens x vocabulary rows per block (fp32: 2 MiB per block buffer, two buffers). Measured on the benchmark CPU
-# (benchmarks/README.md): block GEMMs of this size run at 85-95 GFLOP/s (one big N x V GEMM: ~75), and 1024 x 512
-# was the fastest of 256-1024 x 512-2048 at both benchmark shapes by a few percent (about the noise of the shared
-# machine); the elementwise passes (about 5% of the time) then work on an L3-sized block.
-DEFAULT_TOKEN_CHUNK = 1024
-DEFAULT_VOCAB_CHUNK = 512
+# Tokens x vocabulary rows per block (fp32: 4 MiB per block, an L3-sized working set with the 8 MiB weight block).
+# Measured on the benchmark CPU (oneDNN GEMMs, fwd+bwd CPU time, benchmarks/README.md): 512 x 2048 was the
+# fastest of 512-4096 x 512-2048 at both benchmark shapes, by 2-5% over 1024 x 512 (about the noise of the
+# shared machine): wider vocabulary blocks amortise oneDNN's per-call packing of the other operand.
+DEFAULT_TOKEN_CHUNK = 512
+DEFAULT_VOCAB_CHUNK = 2048
+PREPACK = True  # pack a GEMM operand once where it serves several blocks (cpu_gemm.pack)
 
 
-def _block(buf: Tensor, n: int, v: int) -> Tensor:
-    """A contiguous [n, v] view of a flat preallocated buffer (so `out=` ops never allocate)."""
-    return buf[: n * v].view(n, v)
+def _block(buf: Tensor | None, n: int, v: int) -> Tensor | None:
+    """A contiguous [n, v] view of a flat preallocated buffer (so `out=` ops never allocate); None stays None."""
+    return None if buf is None else buf[: n * v].view(n, v)
+
+
+def _gemm_buffer(like: Tensor, size: int) -> Tensor | None:
+    """The block buffer GEMMs write into: none on the oneDNN path (it returns fresh blocks)."""
+    return None if gemm.uses_onednn(like) else torch.empty(size, dtype=like.dtype, device=like.device)
+
+
+def _store(dst: Tensor, src: Tensor) -> None:
+    """dst = src unless src already is dst (the torch GEMM path wrote in place)."""
+    if src.data_ptr() != dst.data_ptr():
+        dst.copy_(src)
+
+
+def _scaled_hidden(hidden: Tensor, dtype, temperature: float) -> Tensor:
+    """hidden / T in `dtype` (no copy for T = 1 and fp32/fp64 inputs): 1/T rides in the GEMM's operand."""
+    hidden = hidden.to(dtype)
+    return hidden if temperature == 1.0 else hidden * (1.0 / temperature)
+
+
+def _packed(w: Tensor, blocks) -> Tensor:
+    """`w` prepacked for the GEMMs of `blocks` (ranges of the other operand's rows) when it serves several."""
+    return gemm.pack(w, blocks[0][1] - blocks[0][0]) if PREPACK and len(blocks) > 1 else w
 
 
 def _ranges(total: int, step: int):
@@ -55,13 +81,12 @@ class ChunkedBackend:
             return m, torch.zeros_like(m), torch.zeros_like(m)
         # Per-block (max, sum exp, sum exp * (z - max)) of every token, merged across blocks at the end.
         cm, cs, ct = (torch.empty(len(vocab), num_tokens, dtype=dtype, device=hidden.device) for _ in range(3))
-        zbuf, ebuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
-        inv_t = 1.0 / args.temperature
-        hidden = hidden.to(dtype)  # once, not once per block (a no-op for fp32 / fp64 inputs)
+        hs = _scaled_hidden(hidden, dtype, args.temperature)  # h / T: z = (h / T) . w
+        zbuf, ebuf = _gemm_buffer(hs, size), torch.empty(size, dtype=dtype, device=hidden.device)
         for b, (v0, v1) in enumerate(vocab):
-            w = weight[v0:v1].to(dtype)
+            w = _packed(weight[v0:v1].to(dtype), tokens)
             for n0, n1 in tokens:
-                z = _block(zbuf, n1 - n0, v1 - v0).addmm_(hidden[n0:n1], w.T, beta=0.0, alpha=inv_t)
+                z = gemm.linear(hs[n0:n1], w, out=_block(zbuf, n1 - n0, v1 - v0))
                 top = torch.amax(z, 1, out=cm[b, n0:n1])
                 e = torch.exp(z.sub_(top[:, None]), out=_block(ebuf, n1 - n0, v1 - v0))  # z - max <= 0
                 torch.sum(e, 1, out=cs[b, n0:n1])
@@ -73,39 +98,44 @@ class ChunkedBackend:
     def grads(self, hidden: Tensor, weight: Tensor, coef: Coefficients, args: KernelArgs, need_h, need_w,
               main_grad=None):
         """Recompute each block's logits; grad_hidden [N, D] and grad_weight [V_local, D] (or += into main_grad).
-        The first block of each output row range is written with beta=0, so nothing is zero-filled twice."""
+        """
         dtype = coef.lse.dtype
         num_tokens = hidden.shape[0]
         tokens, vocab, size = self._blocks(args, num_tokens)
-        inv_t = 1.0 / args.temperature
-        grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        # grad_h is accumulated over vocabulary blocks (zero-filled once: [N, D] is small); a grad_w row block
+        # is written by its first token block and accumulated by the others (no [V, D] zero fill)
+        grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w and main_grad is None \
             else None
-        if grad_h is not None and not vocab:
-            grad_h.zero_()
         if grad_w is not None:
             grad_w[args.num_valid:].zero_()  # padding rows
             if not tokens:
                 grad_w.zero_()
-        zbuf, pbuf = (torch.empty(size, dtype=dtype, device=hidden.device) for _ in range(2))
-        neg_lse = -coef.lse
+        wgrad = main_grad if main_grad is not None else grad_w
+        neg_lse = -coef.lse[:, None]
         hid = hidden.to(dtype)
+        hs = _scaled_hidden(hid, dtype, args.temperature)
+        zbuf, pbuf = _gemm_buffer(hs, size), torch.empty(size, dtype=dtype, device=hidden.device)
+        # the hidden blocks as grad_weight's GEMM operand, packed once for all vocabulary blocks
+        hid_t = [_packed(hid[n0:n1].T, vocab) for n0, n1 in tokens] if wgrad is not None else None
         for v0, v1 in vocab:
             w = weight[v0:v1].to(dtype)
-            for n0, n1 in tokens:
-                h = hid[n0:n1]
-                z = torch.addmm(neg_lse[n0:n1, None], h, w.T, alpha=inv_t, out=_block(zbuf, n1 - n0, v1 - v0))
-                dz = torch.exp(z, out=_block(pbuf, n1 - n0, v1 - v0))  # p, with z = log p
+            w_z, w_h = _packed(w, tokens), (_packed(w.T, tokens) if grad_h is not None else None)
+            for i, (n0, n1) in enumerate(tokens):
+                shape = (n1 - n0, v1 - v0)
+                z = gemm.linear_shift(hs[n0:n1], w_z, neg_lse[n0:n1], out=_block(zbuf, *shape))  # log p
+                dz = torch.exp(z, out=_block(pbuf, *shape))  # p
                 if coef.slope is not None:  # dz = p * (offset + slope * log p)
                     dz.mul_(torch.addcmul(coef.offset[n0:n1, None], z, coef.slope[n0:n1, None], out=z))
                 else:
                     dz.mul_(coef.offset[n0:n1, None])
                 if grad_h is not None:
-                    grad_h[n0:n1].addmm_(dz, w, beta=0.0 if v0 == 0 else 1.0)
-                if main_grad is not None:
-                    add_into(main_grad[v0:v1], dz.T, h)
-                elif grad_w is not None:
-                    grad_w[v0:v1].addmm_(dz.T, h, beta=0.0 if n0 == 0 else 1.0)
+                    gemm.addmm_(grad_h[n0:n1], dz, w_h)
+                if wgrad is not None:  # a plain grad_w row block: written by the first token block
+                    if main_grad is None and n0 == 0:
+                        _store(wgrad[v0:v1], gemm.linear(dz.T, hid_t[i], out=wgrad[v0:v1]))
+                    else:
+                        gemm.addmm_(wgrad[v0:v1], dz.T, hid_t[i])
         self._add_target_terms(hid, weight, coef, args, tokens, grad_h,
                                main_grad if main_grad is not None else grad_w)
         return (None if grad_h is None else grad_h.to(hidden.dtype),

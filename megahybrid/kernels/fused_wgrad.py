@@ -33,14 +33,6 @@ def wgrad_after_fusion(weight: Tensor) -> Tensor | None:
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
-def add_into(main_grad_rows: Tensor, a: Tensor, b: Tensor) -> None:
-    """main_grad_rows += a @ b, in place (a temporary only when main_grad's dtype differs from the operands')."""
-    if main_grad_rows.dtype == a.dtype:
-        main_grad_rows.addmm_(a, b)
-    else:
-        main_grad_rows.add_(a @ b)
-
-
 class GradIntoMainGrad(torch.autograd.Function):
     """Identity on the weight whose backward moves the incoming gradient into `weight.main_grad` (for the
     implementations that only produce a whole weight gradient: the reference)."""

@@ -118,11 +118,14 @@ def test_shape_and_target_errors():
 @pytest.mark.timeout(60)
 def test_default_blocks_with_more_tokens_than_a_block():
     """chunk_size=None (the tuned default blocks) with N past one token block and V past one vocabulary block."""
+    from megahybrid.kernels.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+
     g = torch.Generator().manual_seed(12)
     case = random_case(12)
-    case.hidden = torch.randn(1100, 8, generator=g, dtype=torch.float64)
-    case.weight = torch.randn(700, 8, generator=g, dtype=torch.float64)
-    case.targets = torch.randint(0, 690, (1100,), generator=g)
-    case.vocab_size, case.chunk_size = 690, None
-    grads = [torch.randn(1100, generator=g, dtype=torch.float64) for _ in range(3)]
+    n, v = 2 * DEFAULT_TOKEN_CHUNK + 76, DEFAULT_VOCAB_CHUNK + 188  # a partial last block on both axes
+    case.hidden = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    case.weight = torch.randn(v, 8, generator=g, dtype=torch.float64)
+    case.targets = torch.randint(0, v - 10, (n,), generator=g)
+    case.vocab_size, case.chunk_size = v - 10, None
+    grads = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3)]
     _compare(case, grads, torch.float32, 1e-5)
