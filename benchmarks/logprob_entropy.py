@@ -21,11 +21,18 @@ measures the neighbours (both are printed; ratios use CPU time). Variants run in
 phases of the machine hit all of them alike; the median is over every step of every round, the peak the largest.
 Shapes: N=4096, D=1024, V=32768 and N=1024, D=1024, V=151936 (Qwen2.5 vocabulary).
 
+GEMM floor: a recompute-based head (ours) cannot beat 4 GEMMs of N x D x V (forward logits; backward: recomputed
+logits, grad_hidden, grad_weight). A fourth child process, interleaved with the variants, times one
+[N, D] x [D, V] float32 GEMM on one thread in every way this box offers and keeps the fastest (median over
+steps): torch.mm into a preallocated output (MKL) and oneDNN (torch.ops.mkldnn._linear_pointwise, the backend our
+kernel uses on x86) over vocabulary slabs of several widths (fresh outputs of at most a few MB: one [N, V] output
+would add page faults, not GEMM work). gemm_floor_ratio = ours / (4 x that GEMM).
+
     .venv/bin/python benchmarks/logprob_entropy.py [--rounds 2] [--repeats 2] [--threads 1]
 
 The line before the last gives the plain setup's ratios. Last line (main_grad setup):
-`logprob_entropy: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive> peer_time_ratio=<ours/peer>`
-(the worse of the two shapes for each ratio).
+`logprob_entropy: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive> peer_time_ratio=<ours/peer>
+gemm_floor_ratio=<ours/(4 GEMMs)>` (the worse of the two shapes for each ratio).
 """
 from __future__ import annotations
 
@@ -114,6 +121,33 @@ def child(variant: str, setup: str, n: int, d: int, v: int, repeats: int) -> dic
     return dict(peak_mb=(peak_kib - base_kib) / 1024, cpu_s=cpu, wall_s=wall)
 
 
+GEMM_SLABS = (256, 1024, 4096)  # oneDNN vocabulary slab widths tried for the floor GEMM
+
+
+def gemm_child(n: int, d: int, v: int, repeats: int) -> dict:
+    """CPU time of one [n, d] x [d, v] float32 GEMM per way of running it: {way: [seconds per repeat]}."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.05
+    out = torch.empty(n, v)
+    ways = {"torch.mm (MKL)": lambda: torch.mm(h, w.T, out=out)}
+    if torch.backends.mkldnn.is_available():
+        lin = torch.ops.mkldnn._linear_pointwise
+        for slab in GEMM_SLABS:
+            ways[f"oneDNN slabs of {slab}"] = lambda slab=slab: [lin(h, w[v0:v0 + slab], None, "none", [], "")
+                                                                 for v0 in range(0, v, slab)]
+    times = {}
+    for name, fn in ways.items():
+        fn()  # warm-up: first-touch page faults, oneDNN kernel generation
+        times[name] = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    return dict(ways=times)
+
+
 def run_variant(variant, setup, shape, repeats, threads) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--child", variant, setup, *map(str, shape), "--repeats", str(repeats)]
@@ -126,14 +160,25 @@ def run_variant(variant, setup, shape, repeats, threads) -> dict | None:
 
 
 def measure(setup, shape, args) -> dict:
-    """{variant: {peak_mb, time_s, wall_s}} over `rounds` interleaved rounds."""
+    """{variant: {peak_mb, time_s, wall_s}} over `rounds` interleaved rounds; "gemm": {time_s, way} of the
+    fastest single GEMM (median over all its steps)."""
     runs = {v: [] for v in VARIANTS}
+    gemm = {}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in VARIANTS + ("gemm",):
             res = run_variant(variant, setup, shape, args.repeats, args.threads)
-            if res is not None:
+            if res is None:
+                continue
+            if variant == "gemm":
+                for way, ts in res["ways"].items():
+                    gemm.setdefault(way, []).extend(ts)
+            else:
                 runs[variant].append(res)
-    out = {}
+    out = {"gemm": dict(time_s=math.nan, way="none")}
+    if gemm:
+        way = min(gemm, key=lambda k: statistics.median(gemm[k]))
+        out["gemm"] = dict(time_s=statistics.median(gemm[way]), way=way,
+                           all={k: statistics.median(ts) for k, ts in gemm.items()})
     for variant, rs in runs.items():
         if not rs:
             out[variant] = dict(peak_mb=math.nan, time_s=math.nan, wall_s=math.nan)
@@ -145,9 +190,10 @@ def measure(setup, shape, args) -> dict:
 
 
 def report(setup, args) -> dict:
-    worst = dict(mem=-math.inf, time=-math.inf, peer=-math.inf)
+    worst = dict(mem=-math.inf, time=-math.inf, peer=-math.inf, floor=-math.inf)
     for shape in args.shapes:
         res = measure(setup, shape, args)
+        gemm = res.pop("gemm")
         n, d, v = shape
         for name, r in res.items():
             print(f"[{setup}] N={n} D={d} V={v} {name:5s}: peak_mem={r['peak_mb']:8.1f} MB  "
@@ -155,11 +201,15 @@ def report(setup, args) -> dict:
         mem = res["ours"]["peak_mb"] / res["naive"]["peak_mb"]
         tim = res["ours"]["time_s"] / res["naive"]["time_s"]
         peer = res["ours"]["time_s"] / res["peer"]["time_s"]
+        floor = res["ours"]["time_s"] / (4 * gemm["time_s"])
+        ways = ", ".join(f"{k} {t:.3f} s" for k, t in gemm.get("all", {}).items())
+        print(f"[{setup}] N={n} D={d} V={v} one GEMM: cpu_time={gemm['time_s']:7.3f} s "
+              f"({2 * n * d * v / gemm['time_s'] / 1e9:.0f} GFLOP/s, {gemm['way']}; all: {ways})", flush=True)
         print(f"[{setup}] N={n} D={d} V={v} ratios: peak_mem_ratio={mem:.3f} time_ratio={tim:.3f} "
-              f"peer_time_ratio={peer:.3f} (peer peak_mem_ratio={res['ours']['peak_mb'] / res['peer']['peak_mb']:.3f})",
-              flush=True)
+              f"peer_time_ratio={peer:.3f} gemm_floor_ratio={floor:.3f} "
+              f"(peer peak_mem_ratio={res['ours']['peak_mb'] / res['peer']['peak_mb']:.3f})", flush=True)
         worst = dict(mem=_max_nan(worst["mem"], mem), time=_max_nan(worst["time"], tim),
-                     peer=_max_nan(worst["peer"], peer))
+                     peer=_max_nan(worst["peer"], peer), floor=_max_nan(worst["floor"], floor))
     return worst
 
 
@@ -172,7 +222,10 @@ def main() -> None:
     ap.add_argument("--child", nargs=5, metavar=("VARIANT", "SETUP", "N", "D", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], *map(int, args.child[2:]), args.repeats)))
+        shape = tuple(map(int, args.child[2:]))
+        res = gemm_child(*shape, args.repeats) if args.child[0] == "gemm" else \
+            child(args.child[0], args.child[1], *shape, args.repeats)
+        print(json.dumps(res))
         return
     print("setup plain: w.grad returned by every variant. setup main_grad: w.main_grad (fp32) preallocated "
           "before the baseline; naive/peer add w.grad into it and drop it (Megatron DDP's hook); ours "
@@ -180,9 +233,10 @@ def main() -> None:
     worst = {setup: report(setup, args) for setup in SETUPS}
     plain, fused = worst["plain"], worst["main_grad"]
     print(f"logprob_entropy (plain, no main_grad; informational): peak_mem_ratio={plain['mem']:.3f} "
-          f"time_ratio={plain['time']:.3f} peer_time_ratio={plain['peer']:.3f}")
+          f"time_ratio={plain['time']:.3f} peer_time_ratio={plain['peer']:.3f} "
+          f"gemm_floor_ratio={plain['floor']:.3f}")
     print(f"logprob_entropy: peak_mem_ratio={fused['mem']:.3f} time_ratio={fused['time']:.3f} "
-          f"peer_time_ratio={fused['peer']:.3f}")
+          f"peer_time_ratio={fused['peer']:.3f} gemm_floor_ratio={fused['floor']:.3f}")
 
 
 def _shapes(text: str) -> list[tuple[int, int, int]]:
