@@ -46,12 +46,14 @@ def spawn_worker(module: str, *, env: dict[str, str] | None = None,
 
 
 def kill_worker(proc: subprocess.Popen | None, conn: Connection | None) -> None:
-    """SIGKILL the worker's process group, reap it, close the connection."""
+    """SIGKILL the worker's process group, reap it, close the connection. The group is killed even when the
+    worker itself has already exited: a child it started (its session's members) would otherwise be orphaned
+    and outlive the job (the local launcher, a subreaper, found one at the end of a 250-step main job)."""
     if proc is not None:
-        if proc.poll() is None:
+        if proc.returncode is None:  # not reaped yet, so its pid (the group's id) cannot have been reused
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.killpg(proc.pid, signal.SIGKILL)  # workers lead their own session: pgid == pid
+            except (ProcessLookupError, PermissionError):
                 pass
         proc.wait(timeout=30)
     if conn is not None:
