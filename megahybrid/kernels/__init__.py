@@ -4,7 +4,7 @@ One public op, `token_logprob_entropy`, with interchangeable implementations:
 
 - `reference`: naive and readable (full logits, log_softmax); the test oracle.
 - `chunked`:   pure-torch `autograd.Function` over token x vocabulary blocks, backward recomputes each block;
-               the CPU default.
+               the CPU default (float32 block GEMMs on oneDNN on x86, `cpu_gemm.py`: 2x MKL on AMD CPUs).
 - `triton`:    forward + backward Triton kernels (GPU; on CPU only under `TRITON_INTERPRET=1`).
 - `te_fp8`:    the chunked algorithm with the LM-head GEMMs in FP8 through Transformer Engine (Hopper GPUs).
 - `auto`:      `default_impl(device)`: triton on CUDA (bf16 operands read as they are, fp32 accumulation and
