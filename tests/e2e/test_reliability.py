@@ -177,7 +177,7 @@ def run_into_a_full_disk(tmpfs: Path, tmp_path: Path, common: list[str], leave: 
         job.kill()
     out = job.output()
     assert code != 0, out[-3000:]
-    assert "[megahybrid] rank " in out and f"[megahybrid] the file system of {run_dir} is full" in out
+    assert "[megahybrid] trainer rank " in out and f"[megahybrid] the file system of {run_dir} is full" in out
     records = metrics(run_dir)  # every line whole (metrics() parses each one) and in order
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and 5 <= len(records) < 20
     good = sorted(p for p in (run_dir / "checkpoints").glob("step_*"))
