@@ -102,6 +102,10 @@ def concat(a: Batch, b: Batch) -> Batch:
                  fields={k: torch.cat([v, b.fields[k]]) for k, v in a.fields.items()})
 
 
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def sequence_lengths(batch: Batch) -> list[int]:
     """Length of every row that matters (one past its last response token; 1 for a row without any): what is
     after it is right-padding, or tokens no loss or metric reads."""
@@ -127,7 +131,7 @@ def plan_micro_batches(lengths: list[int], *, max_rows: int, max_tokens: int | N
     if max_tokens is None:
         return [list(range(i, min(i + max_rows, n))) for i in range(0, n, max_rows)]
     order = sorted(range(n), key=lambda i: -lengths[i])  # stable: equal lengths keep batch order
-    width = [-(-max(lengths[i], 1) // multiple) * multiple for i in range(n)]
+    width = [round_up(max(lengths[i], 1), multiple) for i in range(n)]
     if uniform:
         rows = max(1, min(max_rows, max_tokens // max(width, default=1)))
         return [order[i:i + rows] for i in range(0, n, rows)]
@@ -146,7 +150,7 @@ def take_rows(batch: Batch, rows: list[int], multiple: int) -> Batch:
     """The micro-batch of `rows`, trimmed to its own longest sequence (rounded up to `multiple`)."""
     mb = batch.select(torch.tensor(rows, dtype=torch.long))
     width = max(sequence_lengths(mb), default=1)
-    width = min(-(-width // multiple) * multiple, batch.tokens.shape[1]) if batch.tokens.shape[1] else width
+    width = min(round_up(width, multiple), batch.tokens.shape[1]) if batch.tokens.shape[1] else width
     return trim_positions(mb, max(width, 2) if batch.tokens.shape[1] >= 2 else width)
 
 

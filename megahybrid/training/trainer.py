@@ -23,7 +23,7 @@ from megahybrid.parallel.collectives import collective_device
 from megahybrid.algorithms.correction import DRIFT_STATS, mismatch_stats
 from megahybrid.config.validate import micro_batch_token_budget
 from megahybrid.training.batching import (Group, budget_micro_batches, collate, length_multiple, plan_micro_batches,
-                                          sequence_lengths, shard_groups)
+                                          round_up, sequence_lengths, shard_groups)
 from megahybrid.training.sampler import PromptSampler, rng_state, seed_everything, set_rng_state
 from megahybrid.training.extra_phase import ExtraPhaseRunner, group_summaries
 from megahybrid.training.mismatch import MismatchAlarm
@@ -220,9 +220,9 @@ class Trainer:
         if not (plan.old_logp and separate_pass) and self.reference is None:
             return
         temp = self.cfg.rollout.temperature
-        rows = self._micro_batch_plan(batch, uniform=self.ps.pp_size > 1)
-        widths = [self._padded_width(max(sequence_lengths(batch.select(torch.tensor(r)))) if r else 2)
-                  for r in rows]
+        lengths = sequence_lengths(batch)
+        rows = self._micro_batch_plan(batch, uniform=self.ps.pp_size > 1, lengths=lengths)
+        widths = [round_up(max([lengths[i] for i in r], default=1), self._length_multiple()) for r in rows]
         kw = dict(temperature=temp, micro_batch_size=self.cfg.train.micro_batch_size, rows=rows, widths=widths)
         if plan.old_logp and separate_pass:
             batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, **kw)
@@ -261,14 +261,12 @@ class Trainer:
         return length_multiple(tensor_model_parallel_size=tc.tensor_model_parallel_size,
                                sequence_parallel=bool(tc.sequence_parallel), fp8=bool(getattr(tc, "fp8", None)))
 
-    def _padded_width(self, length: int) -> int:
-        multiple = self._length_multiple()
-        return -(-max(length, 2) // multiple) * multiple
-
-    def _micro_batch_plan(self, batch: Batch, *, uniform: bool) -> list[list[int]]:
+    def _micro_batch_plan(self, batch: Batch, *, uniform: bool, lengths: list[int] | None = None
+                          ) -> list[list[int]]:
         """Rows of each micro-batch: by length, within `train.max_tokens_per_micro_batch` tokens and
         `train.micro_batch_size` rows (batching.plan_micro_batches)."""
-        return plan_micro_batches(sequence_lengths(batch), max_rows=self.cfg.train.micro_batch_size,
+        lengths = sequence_lengths(batch) if lengths is None else lengths
+        return plan_micro_batches(lengths, max_rows=self.cfg.train.micro_batch_size,
                                   max_tokens=self.micro_batch_tokens, multiple=self._length_multiple(),
                                   uniform=uniform)
 
