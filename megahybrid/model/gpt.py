@@ -49,10 +49,15 @@ class HeadInfo:
 
 
 def token_logp_entropy(model: PolicyGPTModel, hidden: Tensor, tokens: Tensor, head: HeadInfo, *,
-                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                       temperature: float = 1.0, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """hidden `[T, S, H]` (sequence-sharded under sequence parallelism), tokens `[S, T]` ->
     (logp, entropy) `[S, T]` with `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` and position 0 set to 0
-    (it has no context). Differentiable; identical on every TP rank."""
+    (it has no context). Differentiable; identical on every TP rank.
+
+    `positions` (`[S, T]` bool, e.g. a batch's response mask): only these positions go through the head, the
+    others come back as 0. The head is a `[tokens, H] x [H, V]` GEMM pair forward and backward, so prompt and
+    padding positions that no loss reads are pure waste (a 150-token prompt with a 64-token answer: 70% of the
+    head's FLOPs); every TP rank holds the same tokens and mask, so they all pass the same rows."""
     if head.sequence_parallel:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -60,12 +65,24 @@ def token_logp_entropy(model: PolicyGPTModel, hidden: Tensor, tokens: Tensor, he
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
                                                       group=head.tp_group)
     num_seq, num_pos = tokens.shape
-    pred = hidden[:-1].transpose(0, 1).reshape(num_seq * (num_pos - 1), -1)
-    targets = tokens[:, 1:].reshape(-1)
+    pred = hidden[:-1].transpose(0, 1)  # [S, T-1, H]: position t+1's context
+    targets = tokens[:, 1:]
+    want = None
+    if positions is not None:
+        want = positions[:, 1:].to(device=tokens.device, dtype=torch.bool)
+        if not bool(want.any()):  # keep one row so the loss still has a graph back to the hidden states
+            want = want.clone()
+            want[0, 0] = True
+        pred, targets = pred[want], targets[want]
+    else:
+        pred, targets = pred.reshape(num_seq * (num_pos - 1), -1), targets.reshape(-1)
     out = token_logprob_entropy(pred, model.head_weight(), targets, vocab_start=head.vocab_start,
                                 vocab_size=head.vocab_size, temperature=temperature,
                                 tp_group=head.tp_group if head.tp_size > 1 else None, impl=head.impl)
-    zeros = torch.zeros(num_seq, 1, dtype=out.logp.dtype, device=out.logp.device)
-    logp = torch.cat([zeros, out.logp.view(num_seq, num_pos - 1)], dim=1)
-    entropy = torch.cat([zeros, out.entropy.view(num_seq, num_pos - 1)], dim=1)
-    return logp, entropy
+    if want is None:
+        logp, entropy = out.logp.view(num_seq, num_pos - 1), out.entropy.view(num_seq, num_pos - 1)
+    else:
+        blank = torch.zeros(num_seq, num_pos - 1, dtype=out.logp.dtype, device=out.logp.device)
+        logp, entropy = blank.masked_scatter(want, out.logp), blank.masked_scatter(want, out.entropy)
+    zeros = torch.zeros(num_seq, 1, dtype=logp.dtype, device=logp.device)
+    return torch.cat([zeros, logp], dim=1), torch.cat([zeros, entropy], dim=1)

@@ -91,19 +91,24 @@ class Policy:
     # ------------------------------------------------------------------------------------------ forward passes
     @torch.no_grad()
     def logp_entropy(self, tokens: Tensor, *, temperature: float = 1.0, micro_batch_size: int,
-                     rows: list[list[int]] | None = None, widths: list[int] | None = None) -> tuple[Tensor, Tensor]:
+                     rows: list[list[int]] | None = None, widths: list[int] | None = None,
+                   positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """No-grad pass. tokens `[S, T]` -> (logp, entropy) `[S, T]` float32 on CPU, on every rank;
         `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` at `temperature`, position 0 = 0.
 
         Micro-batches: `micro_batch_size` consecutive rows, or (token budget) the row sets `rows` each cut to its
-        `widths` positions; positions past a row's width come back as 0."""
+        `widths` positions; positions past a row's width come back as 0. `positions` (`[S, T]` bool, e.g. the
+        response mask): only those positions go through the head, the others come back as 0."""
         num_seq, num_pos = tokens.shape
         if num_seq == 0:
             return torch.zeros(0, num_pos), torch.zeros(0, num_pos)
         batches = self._micro_token_batches(tokens, micro_batch_size, rows, widths)
+        wanted = (None if positions is None else  # cut and padded exactly like the tokens (padding: False)
+                  [p.bool() for p in self._micro_token_batches(positions.long(), micro_batch_size, rows, widths)])
 
         def head(i, model, hidden):
-            logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature)
+            logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature,
+                                               positions=None if wanted is None else wanted[i])
             return torch.zeros((), device=hidden.device), {"out": torch.stack([logp, entropy]).float()}
 
         self._set_mode(False)
@@ -167,7 +172,8 @@ class Policy:
             if self.ps.device.type != "cpu" and hasattr(mb, "to"):
                 mb = mb.to(device=self.ps.device)  # e.g. algorithms.base.Batch: masks next to logp
             s, t = mb.tokens.shape
-            logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature)
+            logp, entropy = token_logp_entropy(model, hidden, batches[i], self.head, temperature=temperature,
+                                               positions=self._loss_positions(mb, batches[i]))
             loss, metrics = loss_fn(mb, logp[:s, :t], entropy[:s, :t])
             return loss, {"loss": loss.detach(), "metrics": {k: torch.as_tensor(v).detach()
                                                              for k, v in metrics.items()}}
@@ -184,6 +190,17 @@ class Policy:
         loss, metrics = step_lib.broadcast_from_last_stage((loss, metrics), self.ps.pp_group, self.ps.pp_size)
         return step_lib.StepResult(loss=loss, metrics=metrics, grad_norm=grad_norm, lr=lr, num_zeros=num_zeros,
                                    updated=updated)
+
+    @staticmethod
+    def _loss_positions(mb: Any, tokens: Tensor) -> Tensor | None:
+        """The positions a micro-batch's loss reads (its `response_mask`, the Batch contract), laid out like the
+        (possibly padded) `tokens`; None (every position) for micro-batches without one."""
+        mask = getattr(mb, "response_mask", None)
+        if mask is None:
+            return None
+        out = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+        out[:mask.shape[0], :mask.shape[1]] = mask.to(device=tokens.device, dtype=torch.bool)
+        return out
 
     def _sync_extra_parameters(self) -> None:
         """Loss scalars are trained on the last stage; other stages receive their new values."""

@@ -223,7 +223,8 @@ class Trainer:
         lengths = sequence_lengths(batch)
         rows = self._micro_batch_plan(batch, uniform=self.ps.pp_size > 1, lengths=lengths)
         widths = [round_up(max([lengths[i] for i in r], default=1), self._length_multiple()) for r in rows]
-        kw = dict(temperature=temp, micro_batch_size=self.cfg.train.micro_batch_size, rows=rows, widths=widths)
+        kw = dict(temperature=temp, micro_batch_size=self.cfg.train.micro_batch_size, rows=rows, widths=widths,
+                  positions=batch.response_mask)  # the head runs only where a loss or metric reads a value
         if plan.old_logp and separate_pass:
             batch.old_logp, batch.old_entropy = self.policy.logp_entropy(batch.tokens, **kw)
         if self.reference is not None:

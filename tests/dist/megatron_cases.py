@@ -42,7 +42,8 @@ def eval_tokens() -> torch.Tensor:
 
 def micro_batches(num: int = 4, num_seq: int = 3, num_pos: int = 9) -> list[SimpleNamespace]:
     """Four micro-batches of different lengths, response masks with holes (the loss is normalised by the
-    global count of masked tokens)."""
+    global count of masked tokens). Every other one also carries the mask as `response_mask` (the Batch
+    contract), so the head runs only on those positions there and on all positions in the others."""
     gen = torch.Generator().manual_seed(5)
     out = []
     for i in range(num):
@@ -50,7 +51,10 @@ def micro_batches(num: int = 4, num_seq: int = 3, num_pos: int = 9) -> list[Simp
         mask = torch.zeros(num_seq, t)
         mask[:, 3:] = 1
         mask[0, -2:] = 0
-        out.append(SimpleNamespace(tokens=torch.randint(0, VOCAB, (num_seq, t), generator=gen), mask=mask))
+        mb = SimpleNamespace(tokens=torch.randint(0, VOCAB, (num_seq, t), generator=gen), mask=mask)
+        if i % 2 == 0:
+            mb.response_mask = mask.bool()
+        out.append(mb)
     return out
 
 
