@@ -61,7 +61,8 @@ def write_plots(run_dirs: dict[str, Path] | Path, out_dir: Path) -> list[Path]:
     runs = {Path(run_dirs).name: Path(run_dirs)} if isinstance(run_dirs, (str, Path)) else dict(run_dirs)
     records = {label: {name: read_jsonl(Path(d) / name) for name in (METRICS_FILE, EVAL_FILE)}
                for label, d in runs.items()}
-    colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
+    # a method keeps its colour and dash across the figures; past matplotlib's 10 colours the dash tells them apart
+    styles = {label: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, label in enumerate(runs)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -72,12 +73,12 @@ def write_plots(run_dirs: dict[str, Path] | Path, out_dir: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for label, (steps, values) in lines.items():
-            color = colors[label]  # a method keeps its colour across the figures
+            color, dash = styles[label]
             smoothed = source == METRICS_FILE and len(values) > 20
-            ax.plot(steps, values, color=color, alpha=0.3 if smoothed else 1.0,
+            ax.plot(steps, values, color=color, linestyle=dash, alpha=0.3 if smoothed else 1.0,
                     marker="o" if source == EVAL_FILE or len(values) == 1 else None, label=None if smoothed else label)
             if smoothed:
-                ax.plot(steps, _smooth(values), color=color, label=label)
+                ax.plot(steps, _smooth(values), color=color, linestyle=dash, label=label)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
