@@ -274,8 +274,9 @@ def _write_final(run_dir: Path, trainer: Any, last_eval: dict[str, float], *, pr
     first = next((acc for step, acc in history if step == 0), float("nan"))
     # nothing evaluated in this process (resumed at or past train.steps): the newest recorded evaluation
     accuracy = last_eval.get("eval/accuracy", history[-1][1] if history else float("nan"))
+    eval_step = history[-1][0] if history else None  # the step `accuracy` was measured at
     final = {"accuracy": accuracy, "step0_accuracy": first, "steps": trainer.step, "plots": str(plots_dir),
-             "preempted": preempted, "eval": eval_status(trainer.cfg) or "ok"}
+             "preempted": preempted, "eval": eval_status(trainer.cfg) or "ok", "eval_step": eval_step}
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final))
 
 
@@ -284,6 +285,10 @@ def final_line(final: dict[str, Any], *, wall_s: float) -> str:
     tail = f"steps={final['steps']} wall={wall_s:.0f}s plots={final['plots']}"
     if final.get("eval", "ok") != "ok":
         return f"megahybrid: final eval: {final['eval']}; {tail}"
+    if final.get("preempted"):  # no final evaluation ran: say whose accuracy this is
+        at = f" at step {final['eval_step']}" if final.get("eval_step") is not None else ""
+        return (f"megahybrid: pre-empted after step {final['steps']} (checkpoint saved; the same command resumes); "
+                f"last eval accuracy={final['accuracy']:.3f}{at} (step 0: {final['step0_accuracy']:.3f}) " + tail)
     return (f"megahybrid: final eval accuracy={final['accuracy']:.3f} (step 0: {final['step0_accuracy']:.3f}) "
             + tail)
 

@@ -58,6 +58,13 @@ def test_eval_status_and_final_line():
              "eval": "no eval split (data.eval is not set)"}
     line = final_line(final, wall_s=5)
     assert "nan" not in line and line == "megahybrid: final eval: no eval split (data.eval is not set); steps=3 wall=5s plots=p"
+    # a pre-empted run had no final evaluation: the line says so and names the step of the accuracy it shows
+    final = {"accuracy": 0.25, "step0_accuracy": 0.125, "steps": 85, "plots": "p", "eval": "ok", "preempted": True,
+             "eval_step": 50}
+    assert final_line(final, wall_s=7) == ("megahybrid: pre-empted after step 85 (checkpoint saved; the same command "
+                                           "resumes); last eval accuracy=0.250 at step 50 (step 0: 0.125) steps=85 "
+                                           "wall=7s plots=p")
+    assert final_line(dict(final, preempted=False), wall_s=7).startswith("megahybrid: final eval accuracy=0.250 ")
 
 
 @pytest.mark.e2e
