@@ -92,7 +92,7 @@ class Policy:
     @torch.no_grad()
     def logp_entropy(self, tokens: Tensor, *, temperature: float = 1.0, micro_batch_size: int,
                      rows: list[list[int]] | None = None, widths: list[int] | None = None,
-                   positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """No-grad pass. tokens `[S, T]` -> (logp, entropy) `[S, T]` float32 on CPU, on every rank;
         `logp[s, t] = log p(tokens[s, t] | tokens[s, :t])` at `temperature`, position 0 = 0.
 
@@ -198,9 +198,7 @@ class Policy:
         mask = getattr(mb, "response_mask", None)
         if mask is None:
             return None
-        out = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
-        out[:mask.shape[0], :mask.shape[1]] = mask.to(device=tokens.device, dtype=torch.bool)
-        return out
+        return step_lib.pad_tokens(mask.to(device=tokens.device, dtype=torch.bool), *tokens.shape, pad_id=False)
 
     def _sync_extra_parameters(self) -> None:
         """Loss scalars are trained on the last stage; other stages receive their new values."""
